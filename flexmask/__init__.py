@@ -1,0 +1,57 @@
+"""flexmask: structured attention masks for PyTorch FlexAttention.
+
+Describe once which query may see which key, combine the pieces with ``&``, ``|``, ``~``, and get
+a BlockMask, a dense mask for SDPA, diagnostics, and a drop-in attention module.
+"""
+
+from .attention import MultiheadFlexAttention, ScoreModFn
+from .block import MaskStats, block_mask, cache_info, check, clear_cache, describe
+from .convert import block_mask_to_dense, to_additive, to_dense
+from .masks import (
+    MaskMod,
+    MaskModFn,
+    and_masks,
+    as_mask,
+    causal,
+    chunked,
+    document,
+    full,
+    not_mask,
+    or_masks,
+    packed,
+    padding,
+    prefix_lm,
+    sliding_window,
+    tree,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MaskMod",
+    "MaskModFn",
+    "MaskStats",
+    "MultiheadFlexAttention",
+    "ScoreModFn",
+    "and_masks",
+    "as_mask",
+    "block_mask",
+    "block_mask_to_dense",
+    "cache_info",
+    "causal",
+    "check",
+    "chunked",
+    "clear_cache",
+    "describe",
+    "document",
+    "full",
+    "not_mask",
+    "or_masks",
+    "packed",
+    "padding",
+    "prefix_lm",
+    "sliding_window",
+    "to_additive",
+    "to_dense",
+    "tree",
+]

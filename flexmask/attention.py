@@ -1,0 +1,332 @@
+"""``MultiheadFlexAttention``: batch-first multi-head attention under any flexmask mask."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from .block import block_mask as build_block_mask
+from .convert import block_mask_to_dense, to_dense
+from .masks import MaskModFn, as_mask, full
+
+__all__ = ["MultiheadFlexAttention", "ScoreModFn"]
+
+ScoreModFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+"""``(score, b, h, q_idx, kv_idx) -> score``: torch's score_mod signature."""
+
+BACKENDS = ("auto", "flex", "sdpa")
+_FLEX_DTYPES_CPU = (torch.float32, torch.float16, torch.bfloat16)
+_warned_cpu_backward = False
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Tensor]:
+    # Built on first use, never at import (compiling flex costs seconds).
+    return torch.compile(flex_attention)
+
+
+class MultiheadFlexAttention(nn.Module):
+    """Multi-head attention (batch first) whose mask is a flexmask expression or a BlockMask.
+
+    Projections are ``q_proj: E -> H*D``, ``k_proj, v_proj: E -> H_kv*D`` and ``out_proj: E -> E``
+    with ``D = embed_dim // num_heads``; grouped-query attention when ``num_kv_heads <
+    num_heads``.
+
+    Backends:
+        ``"flex"``: compiled ``flex_attention`` (compiled once per process) on the BlockMask.
+        ``"sdpa"``: ``scaled_dot_product_attention`` with the dense boolean mask (an explicit
+        softmax when a ``score_mod`` is given).
+        ``"auto"``: flex, except where flex cannot run: on CPU with autograd on (FlexAttention
+        has no CPU backward; one warning per process says so), with dropout while training,
+        or in a dtype CPU flex lacks (float64); those run SDPA.
+
+    Fully masked query rows (padding) give zeros on every backend, never NaN.
+
+    Args:
+        embed_dim: model width ``E``.
+        num_heads: query heads ``H``; must divide ``embed_dim``.
+        num_kv_heads: key/value heads (default ``num_heads``); must divide ``num_heads``.
+        bias: add biases to the projections.
+        dropout: attention-probability dropout while training.
+        score_mod: optional ``(score, b, h, q_idx, kv_idx) -> score`` (ALiBi, soft-capping, ...).
+        block_size: BlockMask tile size for masks the module builds itself.
+        backend: ``"auto"``, ``"flex"`` or ``"sdpa"``.
+
+    Example:
+        >>> import torch, flexmask as fm
+        >>> attn = fm.MultiheadFlexAttention(32, 4, backend="sdpa")
+        >>> x = torch.randn(2, 10, 32)
+        >>> attn(x, mask=fm.causal() & fm.padding([10, 6])).shape
+        torch.Size([2, 10, 32])
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        score_mod: ScoreModFn | None = None,
+        block_size: int = 128,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads),
+                            ("num_kv_heads", num_kv_heads)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MultiheadFlexAttention({name}=...) must be a positive int, "
+                                 f"got {value!r}.")  # fmt: skip
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"MultiheadFlexAttention(embed_dim={embed_dim}, num_heads={num_heads}): embed_dim "
+                f"must be divisible by num_heads to split it into heads; pick num_heads among "
+                f"{[h for h in range(1, min(embed_dim, 64) + 1) if embed_dim % h == 0]}."
+            )
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"MultiheadFlexAttention(num_heads={num_heads}, num_kv_heads={num_kv_heads}): "
+                "num_heads must be divisible by num_kv_heads (each key/value head serves a "
+                "group of query heads)."
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MultiheadFlexAttention(dropout=...) must be in [0, 1), got "
+                             f"{dropout!r}.")  # fmt: skip
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"MultiheadFlexAttention(backend=...) must be one of {BACKENDS}, got {backend!r}."
+            )
+        if score_mod is not None and not callable(score_mod):
+            raise TypeError(
+                f"MultiheadFlexAttention(score_mod=...) must be a callable (score, b, h, q_idx, "
+                f"kv_idx) -> score, got {type(score_mod).__name__}."
+            )
+        from ._checks import check_block_size
+
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.score_mod = score_mod
+        self.block_size = check_block_size(block_size)
+        self.backend = backend
+        kw: dict[str, Any] = {"device": device, "dtype": dtype, "bias": bias}
+        self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, **kw)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, **kw)
+
+    def extra_repr(self) -> str:
+        kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{kv}, "
+                f"backend={self.backend!r}")  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------
+    def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries from ``x``, keys and values from ``context`` (default ``x``).
+
+        Shapes:
+            x: ``[B, S, E]``, context: ``[B, S_kv, E]`` ->
+            q: ``[B, H, S, D]``, k and v: ``[B, H_kv, S_kv, D]``.
+        """
+        self._check_input(x, context)
+        src = x if context is None else context
+        bsz, s_q, _ = x.shape
+        s_kv = src.shape[1]
+        q = self.q_proj(x).view(bsz, s_q, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(src).view(bsz, s_kv, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(src).view(bsz, s_kv, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        mask: MaskModFn | BlockMask | None = None,
+    ) -> Tensor:
+        """Attend ``x`` to itself, or to ``context`` (cross-attention), under ``mask``.
+
+        Shapes:
+            x: ``[B, S, E]``; context: ``[B, S_kv, E]``; returns ``[B, S, E]``.
+
+        Args:
+            x: queries (and keys/values for self-attention).
+            context: keys/values for cross-attention.
+            mask: a flexmask mask or mask_mod callable (the module builds and caches its
+                BlockMask for this shape and device), a ready ``BlockMask`` (its shape is
+                checked against the input), or None for no mask (every key visible).
+        """
+        self._check_input(x, context)
+        bsz, s_q, _ = x.shape
+        s_kv = s_q if context is None else context.shape[1]
+        if mask is not None and not isinstance(mask, BlockMask):
+            mask = as_mask(mask, name="forward(mask=...)")
+        if isinstance(mask, BlockMask):
+            self._check_block_mask(mask, bsz, s_q, s_kv)
+
+        q, k, v = self.project(x, context)
+        backend = self._choose_backend(q)
+        if backend == "flex":
+            out = self._flex(q, k, v, mask)
+        else:
+            out = self._sdpa(q, k, v, mask)
+        return self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.embed_dim))
+
+    # ----------------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor, context: Tensor | None) -> None:
+        for name, t in (("x", x), ("context", context)):
+            if t is None:
+                continue
+            if not isinstance(t, Tensor):
+                raise TypeError(f"forward({name}=...) must be a tensor [B, S, E], got "
+                                f"{type(t).__name__}.")  # fmt: skip
+            if t.dim() != 3 or t.shape[-1] != self.embed_dim:
+                raise ValueError(
+                    f"forward({name}=...) must have shape [B, S, {self.embed_dim}] (batch first, "
+                    f"embed_dim last), got {tuple(t.shape)}."
+                )
+        if context is not None and context.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"forward(context=...) has batch {context.shape[0]} but x has batch "
+                f"{x.shape[0]}; give one context sequence per query sequence."
+            )
+
+    def _check_block_mask(self, bm: BlockMask, bsz: int, s_q: int, s_kv: int) -> None:
+        mb, mh = bm.kv_num_blocks.shape[:2]
+        if bm.seq_lengths != (s_q, s_kv) or mb not in (1, bsz) or mh not in (1, self.num_heads):
+            raise ValueError(
+                f"forward(mask=BlockMask) has shape {tuple(bm.shape)} but the input needs "
+                f"(B in {{1, {bsz}}}, H in {{1, {self.num_heads}}}, {s_q}, {s_kv}); build it with "
+                f"flexmask.block_mask(mask, q_len={s_q}, kv_len={s_kv}) or pass the mask itself."
+            )
+
+    def _choose_backend(self, q: Tensor) -> str:
+        needs_grad = torch.is_grad_enabled() and (
+            q.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        dropout = self.training and self.dropout > 0
+        on_cpu = q.device.type == "cpu"
+        if self.backend == "sdpa":
+            return "sdpa"
+        if self.backend == "flex":
+            if on_cpu and needs_grad:
+                raise RuntimeError(
+                    "backend='flex' cannot train on CPU: FlexAttention has no CPU backward pass. "
+                    "Use backend='auto' (SDPA while training on CPU) or 'sdpa', or run under "
+                    "torch.no_grad()."
+                )
+            if dropout:
+                raise RuntimeError(
+                    "backend='flex' has no attention dropout; call .eval(), set dropout=0, or "
+                    "use backend='auto' or 'sdpa'."
+                )
+            if on_cpu and q.dtype not in _FLEX_DTYPES_CPU:
+                raise TypeError(
+                    f"backend='flex' on CPU supports {_FLEX_DTYPES_CPU}, got {q.dtype}; use "
+                    "backend='sdpa' or 'auto'."
+                )
+            return "flex"
+        if on_cpu and needs_grad:
+            global _warned_cpu_backward
+            if not _warned_cpu_backward:
+                _warned_cpu_backward = True
+                warnings.warn(
+                    "MultiheadFlexAttention: FlexAttention has no backward pass on CPU, so while "
+                    "autograd is on, CPU attention runs SDPA with the dense mask (O(S^2) memory). "
+                    "Inference (torch.no_grad) and CUDA run flex.",
+                    stacklevel=3,
+                )
+            return "sdpa"
+        if dropout or (on_cpu and q.dtype not in _FLEX_DTYPES_CPU):
+            return "sdpa"
+        return "flex"
+
+    def _flex(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
+        if not isinstance(mask, BlockMask):
+            # Never flex's block_mask=None: on CPU that is one giant block, several times slower.
+            m = full() if mask is None else mask
+            mask = build_block_mask(
+                m, q.shape[2], k.shape[2],
+                batch=q.shape[0] if m.uses_batch else None,
+                heads=q.shape[1] if m.uses_heads else None,
+                block_size=self.block_size, device=q.device,
+            )  # fmt: skip
+        out = _compiled_flex()(
+            q, k, v, score_mod=self.score_mod, block_mask=mask,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # fmt: skip
+        return out
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
+        bsz, nh, s_q, _ = q.shape
+        s_kv = k.shape[2]
+        if mask is None:
+            dense = None
+        elif isinstance(mask, BlockMask):
+            dense = block_mask_to_dense(mask).to(q.device)
+        else:
+            dense = to_dense(
+                mask, s_q, s_kv,
+                batch=bsz if mask.uses_batch else 1,
+                heads=nh if mask.uses_heads else 1, device=q.device,
+            )  # fmt: skip
+        p = self.dropout if self.training else 0.0
+        if self.score_mod is not None:
+            return _eager_attention(q, k, v, dense, self.score_mod, p)
+        if dense is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=_gqa(q, k))
+        # A row with no allowed key would be NaN (or depend on the kernel); let it see every key,
+        # then zero it: finite values forward and zero gradients backward.
+        seen = dense.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=dense | ~seen, dropout_p=p, enable_gqa=_gqa(q, k)
+        )
+        return out.masked_fill(~seen, 0.0)
+
+
+def _gqa(q: Tensor, k: Tensor) -> bool:
+    return q.shape[1] != k.shape[1]
+
+
+def _eager_attention(
+    q: Tensor, k: Tensor, v: Tensor, dense: Tensor | None, score_mod: ScoreModFn, dropout: float
+) -> Tensor:
+    """Softmax attention written out, so a score_mod can act on the scores (SDPA has no hook)."""
+    from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, S, S_kv]
+    bsz, nh, s_q, s_kv = scores.shape
+    fn: Callable[..., Tensor] = score_mod
+    # vmap over kv, q, h, b (innermost first), exactly how flex evaluates a score_mod.
+    for dims in ((0, None, None, None, 0), (0, None, None, 0, None),
+                 (0, None, 0, None, None), (0, 0, None, None, None)):  # fmt: skip
+        fn = torch.vmap(fn, in_dims=dims)
+    dev = scores.device
+    with TransformGetItemToIndex():
+        scores = fn(scores, torch.arange(bsz, device=dev), torch.arange(nh, device=dev),
+                    torch.arange(s_q, device=dev), torch.arange(s_kv, device=dev))  # fmt: skip
+    if dense is not None:
+        seen = dense.any(-1, keepdim=True)
+        scores = scores.masked_fill(~(dense | ~seen), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout:
+        probs = F.dropout(probs, p=dropout)
+    out = probs @ v
+    return out if dense is None else out.masked_fill(~seen, 0.0)

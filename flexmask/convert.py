@@ -1,0 +1,156 @@
+"""Dense forms of a mask: boolean ``[B, H, Q, KV]`` masks and additive float masks for SDPA."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+from ._checks import check_lengths, resolve_batch, resolve_device
+from .masks import MaskModFn, as_mask
+
+__all__ = ["block_mask_to_dense", "evaluate_tiles", "to_additive", "to_dense"]
+
+
+def to_dense(
+    mask: MaskModFn,
+    q_len: int,
+    kv_len: int | None = None,
+    *,
+    batch: int | None = None,
+    heads: int = 1,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Evaluate ``mask`` on every ``(b, h, q_idx, kv_idx)``: a ``BoolTensor[batch, heads, q_len,
+    kv_len]``, True = may attend.
+
+    Args:
+        mask: a flexmask mask or any mask_mod callable.
+        q_len, kv_len: query and key lengths (``kv_len`` defaults to ``q_len``).
+        batch: batch rows; defaults to the rows of the mask's per-batch tensors, else 1.
+        heads: heads to evaluate (masks that ignore ``h`` give identical heads).
+        device: where to evaluate; defaults to the mask's device, else CPU.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.to_dense(fm.causal() & fm.padding([2, 3]), 3).shape
+        torch.Size([2, 1, 3, 3])
+    """
+    m = as_mask(mask)
+    kv_len = check_lengths(q_len, kv_len)
+    batch = resolve_batch(m, batch)
+    heads = _positive(heads, "heads")
+    dev = resolve_device(m, device)
+    return create_mask(m.bind(q_len, kv_len), batch, heads, q_len, kv_len, dev)
+
+
+def _positive(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}=... must be a positive int, got {value!r}.")
+    return value
+
+
+def to_additive(dense: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Turn a boolean mask into an additive one: 0 where allowed, ``finfo(dtype).min`` where not.
+
+    ``finfo.min`` rather than ``-inf`` keeps a fully masked row finite (softmax spreads it evenly
+    instead of returning NaN); the attention modules in flexmask zero such rows themselves.
+
+    Example:
+        >>> import torch, flexmask as fm
+        >>> fm.to_additive(torch.tensor([True, False]), torch.float16)
+        tensor([     0., -65504.], dtype=torch.float16)
+    """
+    if not isinstance(dense, Tensor) or dense.dtype != torch.bool:
+        got = dense.dtype if isinstance(dense, Tensor) else type(dense).__name__
+        raise TypeError(
+            f"to_additive(dense=...) needs a bool tensor (True = may attend), got {got}; "
+            "make one with flexmask.to_dense(mask, q_len)."
+        )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"to_additive(dtype=...) needs a floating dtype, got {dtype!r}.")
+    out = torch.zeros(dense.shape, dtype=dtype, device=dense.device)
+    return out.masked_fill_(~dense, torch.finfo(dtype).min)
+
+
+def evaluate_tiles(
+    mask: MaskModFn,
+    b: Tensor,
+    h: Tensor,
+    q_start: Tensor,
+    kv_start: Tensor,
+    q_size: int,
+    kv_size: int,
+    q_len: int,
+    kv_len: int,
+) -> Tensor:
+    """Evaluate ``mask`` on ``N`` tiles: ``BoolTensor[N, q_size, kv_size]``.
+
+    Tile ``n`` covers queries ``q_start[n] + [0, q_size)`` and keys ``kv_start[n] + [0, kv_size)``
+    of batch row ``b[n]``, head ``h[n]``. Positions past ``q_len``/``kv_len`` are False (the mask
+    is never called on them). Uses vmap like ``create_mask``, so any mask_mod works.
+    """
+    from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+
+    device = b.device
+    q_off = torch.arange(q_size, device=device)
+    kv_off = torch.arange(kv_size, device=device)
+
+    def tile(bi: Tensor, hi: Tensor, qs: Tensor, ks: Tensor) -> Tensor:
+        q = (qs + q_off).clamp(max=q_len - 1)
+        kv = (ks + kv_off).clamp(max=kv_len - 1)
+        row = torch.vmap(lambda qi, ki: mask(bi, hi, qi, ki), in_dims=(None, 0))
+        return torch.vmap(row, in_dims=(0, None))(q, kv)
+
+    # TransformGetItemToIndex lets masks index captured tensors with batched indices (torch's
+    # create_mask does the same).
+    with TransformGetItemToIndex():
+        out = torch.vmap(tile)(b, h, q_start, kv_start)
+    out = out.expand(b.shape[0], q_size, kv_size)  # a constant mask returns a broadcast scalar
+    inside_q = (q_start[:, None] + q_off) < q_len
+    inside_kv = (kv_start[:, None] + kv_off) < kv_len
+    return out & inside_q[:, :, None] & inside_kv[:, None, :]
+
+
+def block_mask_to_dense(block_mask: BlockMask) -> Tensor:
+    """The element mask a BlockMask stands for: ``BoolTensor[B, H, q_len, kv_len]``.
+
+    Full blocks are all True, empty blocks all False, partial blocks take the BlockMask's
+    ``mask_mod`` (evaluated only there), exactly what ``flex_attention`` computes.
+    """
+    q_len, kv_len = block_mask.seq_lengths
+    qbs, kvbs = block_mask.BLOCK_SIZE
+    kinds = block_kinds(block_mask)  # [B, H, QB, KVB]: 0 empty, 1 partial, 2 full
+    nb, nh, nqb, nkvb = kinds.shape
+    # Tile layout [B, H, QB, qbs, KVB, kvbs]: a block is one [qbs, kvbs] slice.
+    tiles = (kinds == 2)[:, :, :, None, :, None].expand(nb, nh, nqb, qbs, nkvb, kvbs).clone()
+    bi, hi, qi, ki = (kinds == 1).nonzero(as_tuple=True)
+    for sl in _chunks(bi.numel(), max(1, 2**24 // (qbs * kvbs))):
+        tiles[bi[sl], hi[sl], qi[sl], :, ki[sl], :] = evaluate_tiles(
+            block_mask.mask_mod, bi[sl], hi[sl], qi[sl] * qbs, ki[sl] * kvbs,
+            qbs, kvbs, q_len, kv_len,
+        )  # fmt: skip
+    return tiles.reshape(nb, nh, nqb * qbs, nkvb * kvbs)[:, :, :q_len, :kv_len]
+
+
+def block_kinds(block_mask: BlockMask) -> Tensor:
+    """``int8[B, H, QB, KVB]`` block classes of a BlockMask: 0 empty, 1 partial, 2 full."""
+    nkvb = block_mask.kv_indices.shape[-1]
+    kinds = _ordered_to_grid(block_mask.kv_num_blocks, block_mask.kv_indices, nkvb)
+    if block_mask.full_kv_num_blocks is not None and block_mask.full_kv_indices is not None:
+        full = _ordered_to_grid(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, nkvb)
+        kinds = torch.where(full, 2, kinds.to(torch.int8))
+    return kinds.to(torch.int8)
+
+
+def _ordered_to_grid(num: Tensor, indices: Tensor, nkvb: int) -> Tensor:
+    # indices [B, H, QB, K]: the first num[b, h, qb] entries of each row name its blocks.
+    valid = torch.arange(indices.shape[-1], device=indices.device) < num[..., None]
+    grid = torch.zeros((*indices.shape[:-1], nkvb + 1), dtype=torch.bool, device=indices.device)
+    safe = torch.where(valid, indices.long(), nkvb)  # invalid entries go to a spare column
+    grid.scatter_(-1, safe, True)
+    return grid[..., :nkvb]
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]

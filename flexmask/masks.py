@@ -1,0 +1,909 @@
+"""Mask expressions: the ``MaskMod`` base class, its algebra, and one small factory per mask.
+
+A mask answers one question: may query ``q_idx`` of batch row ``b`` and head ``h`` attend to key
+``kv_idx``? Every ``MaskMod`` is itself a torch ``mask_mod`` (``m(b, h, q_idx, kv_idx)`` returns a
+bool tensor, True = may attend), so it goes straight into ``create_block_mask``, ``create_mask``
+and ``flex_attention``. Masks combine with ``&``, ``|`` and ``~``; ``repr`` is the expression that
+rebuilds the mask.
+
+Tensors a mask captures (lengths, document ids, parents) are copied when the mask is made and stay
+tensors, so a new mask with other values at the same shapes never makes ``torch.compile``
+recompile. Masks with only scalar parameters are hashable and compare equal when their
+expressions are equal; masks holding tensors compare by identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MaskMod",
+    "MaskModFn",
+    "and_masks",
+    "as_mask",
+    "causal",
+    "chunked",
+    "document",
+    "full",
+    "not_mask",
+    "or_masks",
+    "packed",
+    "padding",
+    "prefix_lm",
+    "sliding_window",
+    "tree",
+]
+
+MaskModFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+"""Any callable ``(b, h, q_idx, kv_idx) -> BoolTensor``: torch's mask_mod signature."""
+
+# Operator precedence, to parenthesise only where needed: ~ binds tighter than &, & than |.
+_ATOM, _NOT, _AND, _OR = 4, 3, 2, 1
+
+
+class MaskMod:
+    """Base class of every flexmask mask; an instance is a torch mask_mod.
+
+    Subclasses implement ``__call__`` and ``_expr``. Scalar-only masks override ``_key`` to give
+    value equality; the default is identity.
+    """
+
+    _precedence = _ATOM
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- expression -------------------------------------------------------------------------
+    def _expr(self) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self._expr()
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe form of the expression, e.g. ``causal_and_padding_lengths_3_5``."""
+        text = self._expr().replace("tensor(", "(")
+        for op, word in (("&", "_and_"), ("|", "_or_"), ("~", "not_")):
+            text = text.replace(op, word)
+        text = re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_.")
+        if len(text) > 96:  # keep names short; the hash keeps them distinct
+            digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+            text = f"{text[:87].rstrip('_.')}_{digest}"
+        return text
+
+    # -- equality: by value for scalar masks, by identity otherwise ---------------------------
+    def _key(self) -> tuple[Any, ...] | None:
+        return None
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(self) is not type(other):
+            return False
+        key = self._key()
+        return key is not None and key == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        key = self._key()
+        return id(self) if key is None else hash((type(self).__name__, key))
+
+    # -- algebra ------------------------------------------------------------------------------
+    def __and__(self, other: MaskModFn) -> MaskMod:
+        return and_masks(self, other)
+
+    def __rand__(self, other: MaskModFn) -> MaskMod:
+        return and_masks(other, self)
+
+    def __or__(self, other: MaskModFn) -> MaskMod:
+        return or_masks(self, other)
+
+    def __ror__(self, other: MaskModFn) -> MaskMod:
+        return or_masks(other, self)
+
+    def __invert__(self) -> MaskMod:
+        return not_mask(self)
+
+    # -- structure, used by block_mask / to_dense / check -------------------------------------
+    @property
+    def children(self) -> tuple[MaskMod, ...]:
+        return ()
+
+    def leaves(self) -> list[MaskMod]:
+        """Every non-composite part of the expression, left to right."""
+        if not self.children:
+            return [self]
+        return [leaf for child in self.children for leaf in child.leaves()]
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors this mask captures (for device checks and moves)."""
+        return [t for leaf in self.leaves() for t in leaf._own_tensors()]
+
+    def _own_tensors(self) -> list[Tensor]:
+        return []
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the captured tensors, or None when the mask holds none."""
+        devices = {t.device for t in self.tensors()}
+        return devices.pop() if len(devices) == 1 else None
+
+    def to(self, device: torch.device | str) -> MaskMod:
+        """The same mask with its tensors on ``device``."""
+        if self.children:
+            return self._rebuild([c.to(device) for c in self.children])
+        return self._moved(torch.device(device))
+
+    def _moved(self, device: torch.device) -> MaskMod:
+        return self
+
+    def _rebuild(self, children: list[MaskMod]) -> MaskMod:
+        return self
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows of the per-batch tensors this mask holds, or None when it is the same for all."""
+        sizes = {n for leaf in self.leaves() if (n := leaf._own_batch()) is not None}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"mask parts disagree on the batch size: {self!r} holds per-batch tensors of "
+                f"{sorted(sizes)} rows; give every per-batch tensor one row per sequence."
+            )
+        return sizes.pop() if sizes else None
+
+    def _own_batch(self) -> int | None:
+        return None
+
+    @property
+    def uses_heads(self) -> bool:
+        """Whether the mask may differ between heads (True for plain callables: unknown)."""
+        return any(leaf._opaque() for leaf in self.leaves())
+
+    @property
+    def uses_batch(self) -> bool:
+        """Whether the mask may differ between batch rows (per-batch tensors, plain callables)."""
+        return self.batch_size is not None or self.uses_heads
+
+    def _opaque(self) -> bool:
+        return False
+
+    @property
+    def cacheable(self) -> bool:
+        """True when the mask holds only scalars, so equal expressions mean equal masks."""
+        return self._key() is not None
+
+    def bind(self, q_len: int, kv_len: int) -> MaskMod:
+        """Check the mask against a ``q_len x kv_len`` problem and fix what depends on it.
+
+        ``padding(..., side="left")`` counts from the end of the sequence and so needs its
+        length; every other mask returns itself after checking its tensors fit.
+        """
+        if self.children:
+            bound = [c.bind(q_len, kv_len) for c in self.children]
+            if all(b is c for b, c in zip(bound, self.children, strict=True)):
+                return self
+            return self._rebuild(bound)
+        return self._bind_leaf(q_len, kv_len)
+
+    def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Composition
+# --------------------------------------------------------------------------------------------
+
+
+def as_mask(mask: MaskModFn, *, name: str = "mask") -> MaskMod:
+    """Return ``mask`` as a ``MaskMod``: itself if it is one, else a wrapper around the callable.
+
+    Raises:
+        TypeError: if ``mask`` is not callable or does not take ``(b, h, q_idx, kv_idx)``.
+    """
+    if isinstance(mask, MaskMod):
+        return mask
+    if not callable(mask):
+        raise TypeError(
+            f"{name} must be a flexmask mask or a mask_mod callable (b, h, q_idx, kv_idx) -> "
+            f"BoolTensor, got {type(mask).__name__} {mask!r}; build one with a factory such as "
+            "flexmask.causal()."
+        )
+    _check_arity(mask, name)
+    return _Callable(mask)
+
+
+def _check_arity(fn: Callable[..., Any], name: str) -> None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: trust them
+        return
+    try:
+        sig.bind(0, 0, 0, 0)
+    except TypeError:
+        raise TypeError(
+            f"{name} must take four arguments (b, h, q_idx, kv_idx), got a callable with "
+            f"signature {sig}; a mask_mod looks like `def m(b, h, q_idx, kv_idx): return "
+            "q_idx >= kv_idx`."
+        ) from None
+
+
+class _Callable(MaskMod):
+    """A plain mask_mod function (or attention-gym mask) inside an expression."""
+
+    def __init__(self, fn: MaskModFn) -> None:
+        self.fn = fn
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return self.fn(b, h, q_idx, kv_idx)
+
+    def _expr(self) -> str:
+        return getattr(self.fn, "__name__", None) or repr(self.fn)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Callable) and self.fn is other.fn
+
+    def __hash__(self) -> int:
+        return hash(("callable", id(self.fn)))
+
+    def _opaque(self) -> bool:
+        return True  # what it reads of b and h is unknown: assume it may use both
+
+
+class _Composite(MaskMod):
+    op = ""
+
+    def __init__(self, parts: tuple[MaskMod, ...]) -> None:
+        self.parts = parts
+
+    @property
+    def children(self) -> tuple[MaskMod, ...]:
+        return self.parts
+
+    def _rebuild(self, children: list[MaskMod]) -> MaskMod:
+        return type(self)(tuple(children))
+
+    def _key(self) -> tuple[Any, ...] | None:
+        # Children compare with their own __eq__ (identity for tensor masks), so this is a key
+        # for value comparison even when a child is identity-compared; cacheable needs all scalar.
+        if all(c._key() is not None for c in self.parts):
+            return self.parts
+        return None
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.parts == other.parts  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((self.op, self.parts))
+
+    def _expr(self) -> str:
+        return f" {self.op} ".join(_wrap(p, self._precedence) for p in self.parts)
+
+
+class _And(_Composite):
+    op = "&"
+    _precedence = _AND
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        out = self.parts[0](b, h, q_idx, kv_idx)
+        for part in self.parts[1:]:
+            out = out & part(b, h, q_idx, kv_idx)
+        return out
+
+
+class _Or(_Composite):
+    op = "|"
+    _precedence = _OR
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        out = self.parts[0](b, h, q_idx, kv_idx)
+        for part in self.parts[1:]:
+            out = out | part(b, h, q_idx, kv_idx)
+        return out
+
+
+class _Not(_Composite):
+    op = "~"
+    _precedence = _NOT
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return ~self.parts[0](b, h, q_idx, kv_idx)
+
+    def _expr(self) -> str:
+        return "~" + _wrap(self.parts[0], _NOT)
+
+
+def _wrap(mask: MaskMod, outer: int) -> str:
+    text = mask._expr()
+    return f"({text})" if mask._precedence < outer else text
+
+
+def _combine(cls: type[_Composite], masks: tuple[MaskModFn, ...], name: str) -> MaskMod:
+    if not masks:
+        raise ValueError(f"{name}() needs at least one mask, got none; e.g. {name}(causal(), m).")
+    parts: list[MaskMod] = []
+    for i, m in enumerate(masks):
+        mm = as_mask(m, name=f"{name}() argument {i}")
+        parts.extend(mm.parts if type(mm) is cls else (mm,))  # a & (b & c) is a & b & c
+    return parts[0] if len(parts) == 1 else cls(tuple(parts))
+
+
+def and_masks(*masks: MaskModFn) -> MaskMod:
+    """Intersection: a pair may attend when every mask allows it. Same as ``m1 & m2 & ...``.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.and_masks(fm.causal(), fm.chunked(4))
+        causal() & chunked(4)
+    """
+    return _combine(_And, masks, "and_masks")
+
+
+def or_masks(*masks: MaskModFn) -> MaskMod:
+    """Union: a pair may attend when any mask allows it. Same as ``m1 | m2 | ...``.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.or_masks(fm.sliding_window(256), fm.prefix_lm(64)) & fm.padding([900, 4096])
+        (sliding_window(256) | prefix_lm(64)) & padding(lengths=tensor([900, 4096]))
+    """
+    return _combine(_Or, masks, "or_masks")
+
+
+def not_mask(mask: MaskModFn) -> MaskMod:
+    """Complement: a pair may attend when ``mask`` forbids it. Same as ``~mask``.
+
+    Example:
+        >>> import flexmask as fm
+        >>> ~(fm.causal() | fm.chunked(2))
+        ~(causal() | chunked(2))
+    """
+    return _Not((as_mask(mask, name="not_mask() argument"),))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers: raise before any tensor work, naming the argument as the user wrote it.
+# --------------------------------------------------------------------------------------------
+
+
+def _positive_int(value: Any, call: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{call} needs an int, got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{call} needs a value >= {minimum}, got {value}.")
+    return value
+
+
+def _int_tensor(value: Any, call: str, ranks: tuple[int, ...]) -> Tensor:
+    """An integer tensor of one of ``ranks``, copied so later edits of the caller's don't leak."""
+    if isinstance(value, Tensor):
+        tensor = value
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        try:  # an empty list would make a float tensor
+            tensor = torch.tensor(value) if len(value) else torch.zeros(0, dtype=torch.long)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{call} needs integers, got {value!r} ({err}).") from None
+    else:
+        raise TypeError(
+            f"{call} needs an integer tensor (or a list of ints), got {type(value).__name__}."
+        )
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(
+            f"{call} needs an integer tensor, got dtype {tensor.dtype}; convert it with "
+            ".long() (or pass a list of ints)."
+        )
+    if tensor.dim() not in ranks:
+        shapes = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(
+            f"{call} needs a {shapes} tensor, got shape {tuple(tensor.shape)}."
+        )
+    return tensor.detach().clone()
+
+
+def _fmt_tensor(t: Tensor) -> str:
+    if t.numel() <= 16:
+        return f"tensor({t.tolist()})"
+    flat = t.flatten().tolist()
+    head = ", ".join(map(str, flat[:3]))
+    tail = ", ".join(map(str, flat[-3:]))
+    return f"tensor([{head}, ..., {tail}], shape={tuple(t.shape)})"
+
+
+def _index(t: Tensor, b: Tensor) -> Tensor:
+    """``t[b]`` for a per-batch tensor, ``t`` itself for a 0-d one."""
+    return t if t.dim() == 0 else t[b]
+
+
+# --------------------------------------------------------------------------------------------
+# Factories. Every picture is checked by tests/test_masks.py against an independent oracle.
+# --------------------------------------------------------------------------------------------
+
+
+class _Full(MaskMod):
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return kv_idx >= 0
+
+    def _expr(self) -> str:
+        return "full()"
+
+    def _key(self) -> tuple[Any, ...]:
+        return ()
+
+
+def full() -> MaskMod:
+    """Every query sees every key (bidirectional attention).
+
+    Keeps every ``(q_idx, kv_idx)``. For 4 tokens::
+
+        ■ ■ ■ ■
+        ■ ■ ■ ■
+        ■ ■ ■ ■
+        ■ ■ ■ ■
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.full()
+        full()
+        >>> fm.to_dense(fm.full(), 2, 3).all().item()
+        True
+    """
+    return _Full()
+
+
+class _Causal(MaskMod):
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return kv_idx <= q_idx
+
+    def _expr(self) -> str:
+        return "causal()"
+
+    def _key(self) -> tuple[Any, ...]:
+        return ()
+
+
+def causal() -> MaskMod:
+    """Each query sees itself and the keys before it, top-left aligned (as FlexAttention).
+
+    Keeps ``kv_idx <= q_idx``. For 4 tokens::
+
+        ■ ⬚ ⬚ ⬚
+        ■ ■ ⬚ ⬚
+        ■ ■ ■ ⬚
+        ■ ■ ■ ■
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.to_dense(fm.causal(), 3, 3)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    return _Causal()
+
+
+class _SlidingWindow(MaskMod):
+    def __init__(self, window: int) -> None:
+        self.window = window
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < self.window)
+
+    def _expr(self) -> str:
+        return f"sliding_window({self.window})"
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.window,)
+
+
+def sliding_window(window: int) -> MaskMod:
+    """Causal attention to the last ``window`` keys, the query's own position included.
+
+    Keeps ``kv_idx <= q_idx and q_idx - kv_idx < window`` (Transformers' convention; attention-gym's
+    ``generate_sliding_window(w)`` keeps ``w + 1`` keys). For ``window=3``, 5 tokens::
+
+        ■ ⬚ ⬚ ⬚ ⬚
+        ■ ■ ⬚ ⬚ ⬚
+        ■ ■ ■ ⬚ ⬚
+        ⬚ ■ ■ ■ ⬚
+        ⬚ ⬚ ■ ■ ■
+
+    Args:
+        window: number of keys each query sees, itself included (>= 1).
+
+    Raises:
+        TypeError: if ``window`` is not an int.
+        ValueError: if ``window < 1``.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.to_dense(fm.sliding_window(2), 3, 3)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    """
+    return _SlidingWindow(_positive_int(window, "sliding_window(window=...)"))
+
+
+class _PrefixLM(MaskMod):
+    def __init__(self, prefix_len: int | Tensor) -> None:
+        self.prefix_len = prefix_len
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        p = self.prefix_len
+        prefix = _index(p, b) if isinstance(p, Tensor) else p
+        return (kv_idx < prefix) | (kv_idx <= q_idx)
+
+    def _expr(self) -> str:
+        p = self.prefix_len
+        return f"prefix_lm({_fmt_tensor(p) if isinstance(p, Tensor) else p})"
+
+    def _key(self) -> tuple[Any, ...] | None:
+        return None if isinstance(self.prefix_len, Tensor) else (self.prefix_len,)
+
+    def _own_tensors(self) -> list[Tensor]:
+        return [self.prefix_len] if isinstance(self.prefix_len, Tensor) else []
+
+    def _own_batch(self) -> int | None:
+        p = self.prefix_len
+        return p.shape[0] if isinstance(p, Tensor) and p.dim() == 1 else None
+
+    def _moved(self, device: torch.device) -> MaskMod:
+        p = self.prefix_len
+        return _PrefixLM(p.to(device)) if isinstance(p, Tensor) else self
+
+
+def prefix_lm(prefix_len: int | Tensor | Sequence[int]) -> MaskMod:
+    """Bidirectional over the first ``prefix_len`` keys, causal after them (prefix-LM, T5/PaLI).
+
+    Keeps ``kv_idx < prefix_len or kv_idx <= q_idx``. ``prefix_len`` may be an int, a 0-d tensor,
+    or a ``[B]`` tensor with one prefix length per batch row. For ``prefix_len=2``, 4 tokens::
+
+        ■ ■ ⬚ ⬚
+        ■ ■ ⬚ ⬚
+        ■ ■ ■ ⬚
+        ■ ■ ■ ■
+
+    Args:
+        prefix_len: length of the bidirectional prefix (>= 0), int or integer tensor.
+
+    Raises:
+        TypeError: if ``prefix_len`` is not an int or integer tensor.
+        ValueError: if it is negative or a tensor of rank > 1.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.prefix_lm([1, 3])
+        prefix_lm(tensor([1, 3]))
+        >>> fm.to_dense(fm.prefix_lm(2), 3, 3)[0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    call = "prefix_lm(prefix_len=...)"
+    if isinstance(prefix_len, int) and not isinstance(prefix_len, bool):
+        return _PrefixLM(_positive_int(prefix_len, call, minimum=0))
+    tensor = _int_tensor(prefix_len, call, ranks=(0, 1))
+    if tensor.numel() and int(tensor.min()) < 0:
+        raise ValueError(f"{call} needs prefix lengths >= 0, got {tensor.tolist()}.")
+    return _PrefixLM(tensor)
+
+
+class _Padding(MaskMod):
+    def __init__(self, lengths: Tensor, side: str, start: Tensor | None = None) -> None:
+        self.lengths = lengths
+        self.side = side
+        self.start = start  # left padding: first real position per row, set by bind()
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        if self.side == "right":
+            n = self.lengths[b]
+            return (q_idx < n) & (kv_idx < n)
+        if self.start is None:
+            raise ValueError(
+                "padding(side='left') counts from the end of the sequence, so it needs the "
+                "sequence length: build it through flexmask.block_mask / to_dense / "
+                "MultiheadFlexAttention, or call mask.bind(q_len, kv_len) first."
+            )
+        s = self.start[b]
+        return (q_idx >= s) & (kv_idx >= s)
+
+    def _expr(self) -> str:
+        side = "" if self.side == "right" else f", side={self.side!r}"
+        return f"padding(lengths={_fmt_tensor(self.lengths)}{side})"
+
+    def _own_tensors(self) -> list[Tensor]:
+        return [self.lengths] if self.start is None else [self.lengths, self.start]
+
+    def _own_batch(self) -> int | None:
+        return self.lengths.shape[0]
+
+    def _moved(self, device: torch.device) -> MaskMod:
+        start = None if self.start is None else self.start.to(device)
+        return _Padding(self.lengths.to(device), self.side, start)
+
+    def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
+        # Queries and keys are positions in one sequence frame, whose length is kv_len.
+        limit = kv_len if self.side == "left" else max(q_len, kv_len)
+        longest = int(self.lengths.max()) if self.lengths.numel() else 0
+        if longest > limit:
+            raise ValueError(
+                f"padding(lengths=...) has a length of {longest}, longer than the sequence "
+                f"(q_len={q_len}, kv_len={kv_len}); lengths count real tokens, at most the "
+                "sequence length."
+            )
+        if self.side == "right":
+            return self
+        return _Padding(self.lengths, "left", kv_len - self.lengths)
+
+
+def padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod:
+    """Hide padding: a pair may attend only when both the query and the key are real tokens.
+
+    Token ``i`` of row ``b`` is real iff ``i < lengths[b]`` (``side="right"``) or
+    ``i >= S - lengths[b]`` (``side="left"``, counted from the end of the ``S = kv_len`` keys).
+    Pad query rows see nothing; attention returns zeros for them, never NaN. Combine with
+    ``causal()`` for a decoder. For ``lengths=[3]``, 4 tokens, right padding::
+
+        ■ ■ ■ ⬚
+        ■ ■ ■ ⬚
+        ■ ■ ■ ⬚
+        ⬚ ⬚ ⬚ ⬚
+
+    Args:
+        lengths: ``[B]`` integer tensor (or list) of real-token counts, one per batch row.
+        side: ``"right"`` (pads after the tokens) or ``"left"`` (pads before, for generation).
+
+    Raises:
+        TypeError: if ``lengths`` is not an integer tensor or list of ints.
+        ValueError: if ``lengths`` is not 1-D, is negative, or ``side`` is unknown; when
+            building, if a length exceeds the sequence.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.padding([3, 1], side="left")
+        padding(lengths=tensor([3, 1]), side='left')
+        >>> fm.to_dense(fm.padding([2, 3], side="left"), 3, 3)[0, 0].int().tolist()
+        [[0, 0, 0], [0, 1, 1], [0, 1, 1]]
+    """
+    call = "padding(lengths=...)"
+    tensor = _int_tensor(lengths, call, ranks=(1,))
+    if tensor.numel() == 0:
+        raise ValueError(f"{call} needs one length per batch row, got an empty tensor.")
+    if int(tensor.min()) < 0:
+        raise ValueError(f"{call} needs lengths >= 0, got {tensor.tolist()}.")
+    if side not in ("right", "left"):
+        raise ValueError(f"padding(side=...) must be 'right' or 'left', got {side!r}.")
+    return _Padding(tensor, side)
+
+
+class _Document(MaskMod):
+    def __init__(self, doc_ids: Tensor, name: str = "document", shown: Tensor | None = None):
+        self.doc_ids = doc_ids
+        self.name = name
+        self.shown = doc_ids if shown is None else shown  # what repr prints (packed: lengths)
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        ids = self.doc_ids
+        if ids.dim() == 1:
+            return ids[q_idx] == ids[kv_idx]
+        return ids[b, q_idx] == ids[b, kv_idx]
+
+    def _expr(self) -> str:
+        arg = "lengths" if self.name == "packed" else "doc_ids"
+        return f"{self.name}({arg}={_fmt_tensor(self.shown)})"
+
+    def _own_tensors(self) -> list[Tensor]:
+        return [self.doc_ids]
+
+    def _own_batch(self) -> int | None:
+        return self.doc_ids.shape[0] if self.doc_ids.dim() == 2 else None
+
+    def _moved(self, device: torch.device) -> MaskMod:
+        return _Document(self.doc_ids.to(device), self.name, self.shown)
+
+    def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
+        n = self.doc_ids.shape[-1]
+        if n != max(q_len, kv_len):
+            what = "document lengths sum" if self.name == "packed" else "doc_ids has"
+            raise ValueError(
+                f"{self.name}(...): {what} {n} positions but the mask is built for "
+                f"q_len={q_len}, kv_len={kv_len}; give one document id per token "
+                f"({max(q_len, kv_len)} in all), with padding as a document of its own."
+            )
+        return self
+
+
+def document(doc_ids: Tensor | Sequence[int]) -> MaskMod:
+    """Same document only: tokens attend within their own document (sequence packing).
+
+    Keeps ``doc_ids[q_idx] == doc_ids[kv_idx]`` (``doc_ids[b, ...]`` for a ``[B, S]`` tensor).
+    Combine with ``causal()`` for packed causal training. For ``doc_ids=[0, 0, 1, 1]``::
+
+        ■ ■ ⬚ ⬚
+        ■ ■ ⬚ ⬚
+        ⬚ ⬚ ■ ■
+        ⬚ ⬚ ■ ■
+
+    Args:
+        doc_ids: ``[S]`` or ``[B, S]`` integer tensor, one document id per token.
+
+    Raises:
+        TypeError: if ``doc_ids`` is not an integer tensor.
+        ValueError: if it is not 1-D or 2-D; when building, if its length is not the sequence's.
+
+    Example:
+        >>> import flexmask as fm
+        >>> m = fm.document([0, 0, 1]) & fm.causal()
+        >>> m
+        document(doc_ids=tensor([0, 0, 1])) & causal()
+        >>> fm.to_dense(m, 3)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    return _Document(_int_tensor(doc_ids, "document(doc_ids=...)", ranks=(1, 2)))
+
+
+def packed(lengths: Tensor | Sequence[int]) -> MaskMod:
+    """Same document only, with documents given by their lengths (packed sequences, cu_seqlens).
+
+    ``packed([2, 2])`` is ``document([0, 0, 1, 1])``; the lengths must add up to the sequence.
+    For ``lengths=[1, 3]``::
+
+        ■ ⬚ ⬚ ⬚
+        ⬚ ■ ■ ■
+        ⬚ ■ ■ ■
+        ⬚ ■ ■ ■
+
+    Args:
+        lengths: ``[N]`` integer tensor (or list) of document lengths, each >= 0.
+
+    Raises:
+        TypeError: if ``lengths`` is not an integer tensor or list of ints.
+        ValueError: if it is not 1-D, empty or negative; when building, if the lengths do not
+            add up to the sequence length.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.packed([2, 1])
+        packed(lengths=tensor([2, 1]))
+        >>> fm.to_dense(fm.packed([2, 1]), 3)[0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    call = "packed(lengths=...)"
+    tensor = _int_tensor(lengths, call, ranks=(1,))
+    if tensor.numel() == 0:
+        raise ValueError(f"{call} needs at least one document length, got an empty tensor.")
+    if int(tensor.min()) < 0:
+        raise ValueError(f"{call} needs lengths >= 0, got {tensor.tolist()}.")
+    ids = torch.repeat_interleave(torch.arange(tensor.numel(), device=tensor.device), tensor)
+    return _Document(ids, name="packed", shown=tensor)
+
+
+class _Chunked(MaskMod):
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return q_idx // self.chunk == kv_idx // self.chunk
+
+    def _expr(self) -> str:
+        return f"chunked({self.chunk})"
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.chunk,)
+
+
+def chunked(chunk: int) -> MaskMod:
+    """Same chunk only: the sequence is cut into chunks of ``chunk`` tokens (Llama 4 local layers).
+
+    Keeps ``q_idx // chunk == kv_idx // chunk``; combine with ``causal()`` for chunked causal
+    attention. For ``chunk=2``, 5 tokens::
+
+        ■ ■ ⬚ ⬚ ⬚
+        ■ ■ ⬚ ⬚ ⬚
+        ⬚ ⬚ ■ ■ ⬚
+        ⬚ ⬚ ■ ■ ⬚
+        ⬚ ⬚ ⬚ ⬚ ■
+
+    Args:
+        chunk: chunk size in tokens (>= 1).
+
+    Raises:
+        TypeError: if ``chunk`` is not an int.
+        ValueError: if ``chunk < 1``.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.to_dense(fm.chunked(2) & fm.causal(), 3)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    return _Chunked(_positive_int(chunk, "chunked(chunk=...)"))
+
+
+class _Tree(MaskMod):
+    def __init__(self, parents: Tensor, context_len: int, ancestors: Tensor, ctx: Tensor):
+        self.parents = parents
+        self.context_len = context_len
+        self.ancestors = ancestors  # [T, T] bool: ancestors[i, j] = j is i or an ancestor of i
+        self.ctx = ctx  # context_len as a 0-d tensor: a new context length never recompiles
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        qi = q_idx - self.ctx
+        ki = kv_idx - self.ctx
+        in_context = (ki < 0) & (kv_idx <= q_idx)  # context keys, causally (tree nodes see all)
+        in_tree = (qi >= 0) & (ki >= 0) & self.ancestors[qi.clamp(min=0), ki.clamp(min=0)]
+        return in_context | in_tree
+
+    def _expr(self) -> str:
+        ctx = f", context_len={self.context_len}" if self.context_len else ""
+        return f"tree(parents={_fmt_tensor(self.parents)}{ctx})"
+
+    def _own_tensors(self) -> list[Tensor]:
+        return [self.parents, self.ancestors, self.ctx]
+
+    def _moved(self, device: torch.device) -> MaskMod:
+        return _Tree(
+            self.parents.to(device), self.context_len,
+            self.ancestors.to(device), self.ctx.to(device),
+        )  # fmt: skip
+
+    def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
+        n = self.context_len + self.parents.numel()
+        if n != max(q_len, kv_len):
+            raise ValueError(
+                f"tree(...) covers context_len + nodes = {self.context_len} + "
+                f"{self.parents.numel()} = {n} positions but the mask is built for "
+                f"q_len={q_len}, kv_len={kv_len}; build it for {n} tokens."
+            )
+        return self
+
+
+def tree(parents: Tensor | Sequence[int], context_len: int = 0) -> MaskMod:
+    """Tree attention: each candidate token sees the context, itself and its ancestors.
+
+    Positions ``0 .. context_len-1`` are a causal context; tree node ``i`` sits at position
+    ``context_len + i`` and sees key node ``j`` iff ``j`` is ``i`` or an ancestor of ``i`` (follow
+    ``parents`` to a root), plus the whole context. Position ids are ``context_len + depth``.
+    For ``parents=[-1, 0, 0, 1]`` after ``context_len=1``::
+
+        ■ ⬚ ⬚ ⬚ ⬚
+        ■ ■ ⬚ ⬚ ⬚
+        ■ ■ ■ ⬚ ⬚
+        ■ ■ ⬚ ■ ⬚
+        ■ ■ ■ ⬚ ■
+
+    Args:
+        parents: ``[T]`` integer tensor; ``parents[i]`` is the parent node of node ``i`` or -1
+            for a root, and every parent comes before its child (``parents[i] < i``).
+        context_len: number of context tokens before the tree (>= 0).
+
+    Raises:
+        TypeError: if ``parents`` is not an integer tensor or ``context_len`` not an int.
+        ValueError: if ``parents`` is not 1-D or empty, has a parent >= its child or < -1, or
+            ``context_len < 0``; when building, if ``context_len + T`` is not the sequence length.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.tree([-1, 0, 0], context_len=2)
+        tree(parents=tensor([-1, 0, 0]), context_len=2)
+        >>> fm.to_dense(fm.tree([-1, 0, 0]), 3)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
+    """
+    call = "tree(parents=...)"
+    p = _int_tensor(parents, call, ranks=(1,))
+    context_len = _positive_int(context_len, "tree(context_len=...)", minimum=0)
+    n = p.numel()
+    if n == 0:
+        raise ValueError(f"{call} needs at least one node, got an empty tensor.")
+    nodes = torch.arange(n, device=p.device)
+    bad = (p >= nodes) | (p < -1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{call}: node {i} has parent {int(p[i])}; every parent must be -1 (a root) or an "
+            f"earlier node (0 <= parent < {i}). Order the nodes so parents come first."
+        )
+    ancestors = torch.eye(n, dtype=torch.bool, device=p.device)
+    for i, parent in enumerate(p.tolist()):  # parents come first, so their rows are complete
+        if parent >= 0:
+            ancestors[i] |= ancestors[parent]
+    return _Tree(p, context_len, ancestors, torch.tensor(context_len, device=p.device))

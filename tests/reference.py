@@ -1,0 +1,114 @@
+"""Dense oracles: every mask built from arange, tril, block_diag, one-hot and loops only.
+
+Nothing here calls flexmask; each oracle returns ``BoolTensor[B, q_len, kv_len]`` (True = may
+attend) so tests can compare any flexmask output against it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _ones(q_len: int, kv_len: int) -> Tensor:
+    return torch.ones(q_len, kv_len, dtype=torch.bool)
+
+
+def full(q_len: int, kv_len: int) -> Tensor:
+    return _ones(q_len, kv_len)[None]
+
+
+def causal(q_len: int, kv_len: int) -> Tensor:
+    return _ones(q_len, kv_len).tril()[None]
+
+
+def sliding_window(q_len: int, kv_len: int, window: int) -> Tensor:
+    ones = _ones(q_len, kv_len)
+    return (ones.tril() & ~ones.tril(-window))[None]
+
+
+def prefix_lm(q_len: int, kv_len: int, prefix: int | list[int]) -> Tensor:
+    prefixes = [prefix] if isinstance(prefix, int) else prefix
+    rows = [causal(q_len, kv_len)[0] | (torch.arange(kv_len) < p)[None, :] for p in prefixes]
+    return torch.stack(rows)
+
+
+def padding(q_len: int, kv_len: int, lengths: list[int], side: str = "right") -> Tensor:
+    out = []
+    for n in lengths:
+        if side == "right":
+            real_q, real_kv = torch.arange(q_len) < n, torch.arange(kv_len) < n
+        else:  # left padding counts from the end of the kv_len-long sequence
+            real_q, real_kv = torch.arange(q_len) >= kv_len - n, torch.arange(kv_len) >= kv_len - n
+        out.append(real_q[:, None] & real_kv[None, :])
+    return torch.stack(out)
+
+
+def document(q_len: int, kv_len: int, doc_ids: list[int] | list[list[int]]) -> Tensor:
+    rows = doc_ids if isinstance(doc_ids[0], list) else [doc_ids]
+    out = []
+    for ids in rows:
+        onehot = torch.nn.functional.one_hot(torch.tensor(ids)).float()
+        same = (onehot @ onehot.T) > 0
+        out.append(same[:q_len, :kv_len])
+    return torch.stack(out)
+
+
+def packed(q_len: int, kv_len: int, lengths: list[int]) -> Tensor:
+    blocks = torch.block_diag(*[torch.ones(n, n) for n in lengths]).bool()
+    return blocks[:q_len, :kv_len][None]
+
+
+def chunked(q_len: int, kv_len: int, chunk: int) -> Tensor:
+    n = max(q_len, kv_len)
+    blocks = torch.block_diag(*[torch.ones(chunk, chunk)] * (n // chunk + 1)).bool()
+    return blocks[:q_len, :kv_len][None]
+
+
+def tree(q_len: int, kv_len: int, parents: list[int], context_len: int = 0) -> Tensor:
+    out = torch.zeros(q_len, kv_len, dtype=torch.bool)
+    for q in range(q_len):
+        for kv in range(min(kv_len, context_len)):
+            out[q, kv] = kv <= q or q >= context_len
+        if q < context_len:
+            continue
+        node = q - context_len
+        while node != -1:  # walk up to the root
+            if context_len + node < kv_len:
+                out[q, context_len + node] = True
+            node = parents[node]
+    return out[None]
+
+
+def render(dense: Tensor) -> str:
+    """■/⬚ picture of a 2-D mask, the docstrings' format."""
+    return "\n".join(" ".join("■" if x else "⬚" for x in row) for row in dense.tolist())
+
+
+def block_kinds(dense: Tensor, block_size: int) -> Tensor:
+    """0 empty / 1 partial / 2 full per tile of a ``[B, Q, KV]`` mask padded with False."""
+    b, q, kv = dense.shape
+    nq, nkv = -(-q // block_size), -(-kv // block_size)
+    padded = torch.zeros(b, nq * block_size, nkv * block_size, dtype=torch.bool)
+    padded[:, :q, :kv] = dense
+    tiles = padded.view(b, nq, block_size, nkv, block_size).sum((2, 4))
+    return torch.where(tiles == block_size * block_size, 2, (tiles > 0).long())
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, dense: Tensor | None, scores_fn=None) -> Tensor:
+    """Float64 softmax attention by hand; rows that see nothing give zeros.
+
+    q: [B, H, S, D]; k, v: [B, H_kv, S_kv, D]; dense: broadcastable to [B, H, S, S_kv].
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, 1)
+    v = v.repeat_interleave(group, 1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if scores_fn is not None:
+        scores = scores_fn(scores)
+    if dense is None:
+        dense = torch.ones_like(scores, dtype=torch.bool)
+    dense = dense.expand_as(scores)
+    weights = torch.softmax(scores.masked_fill(~dense, float("-inf")), dim=-1)
+    weights = torch.nan_to_num(weights, nan=0.0)  # a row that sees nothing: 0/0
+    return weights @ v

@@ -1,0 +1,253 @@
+"""MultiheadFlexAttention against a float64 golden built by hand, and against nn.MultiheadAttention."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import flexmask as fm
+import flexmask.attention as attention_module
+from tests import reference as ref
+
+E, H = 32, 4
+
+
+def golden(module, x, dense, context=None, scores_fn=None):
+    """The module's own computation, redone in float64 from its weights and a dense oracle."""
+
+    def lin(layer, t):
+        return t.double() @ layer.weight.double().T + layer.bias.double()
+
+    src = x if context is None else context
+    bsz, s, _ = x.shape
+    d = module.head_dim
+    q = lin(module.q_proj, x).view(bsz, s, -1, d).transpose(1, 2)
+    k = lin(module.k_proj, src).view(bsz, src.shape[1], -1, d).transpose(1, 2)
+    v = lin(module.v_proj, src).view(bsz, src.shape[1], -1, d).transpose(1, 2)
+    out = ref.attention(q, k, v, dense, scores_fn)
+    return lin(module.out_proj, out.transpose(1, 2).reshape(bsz, s, -1))
+
+
+def assert_close(got, want, rel=2e-6, floor=0.0):
+    scale = max(want.abs().max().item(), floor)  # floor: for gradients that are ~0 exactly
+    err = (got.double() - want).abs().max().item()
+    assert err <= rel * scale, f"max error {err:.3g} > {rel} x scale {scale:.3g}"
+
+
+def masks_and_oracles(s, s_kv=None):
+    s_kv = s_kv or s
+    return {
+        "none": (None, None),
+        "causal": (fm.causal(), ref.causal(s, s_kv)),
+        "causal_padding": (
+            fm.causal() & fm.padding([s, s // 3], side="left"),
+            ref.causal(s, s_kv) & ref.padding(s, s_kv, [s, s // 3], side="left"),
+        ),
+        "window_or_chunk": (
+            fm.sliding_window(5) | fm.chunked(8),
+            ref.sliding_window(s, s_kv, 5) | ref.chunked(s, s_kv, 8),
+        ),
+        "documents": (
+            fm.packed([s // 2, s - s // 2]) & fm.causal(),
+            ref.packed(s, s_kv, [s // 2, s - s // 2]) & ref.causal(s, s_kv),
+        ),
+    }
+
+
+def _dense4(oracle):
+    return None if oracle is None else oracle[:, None]  # [B or 1, 1, S, S_kv]
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(0)
+    return torch.randn(2, 19, E)
+
+
+@pytest.mark.parametrize("case", sorted(masks_and_oracles(19)))
+@pytest.mark.parametrize("kv_heads", [H, 2, 1])
+def test_sdpa_matches_golden(x, case, kv_heads):
+    torch.manual_seed(1)
+    module = fm.MultiheadFlexAttention(E, H, num_kv_heads=kv_heads, backend="sdpa")
+    mask, oracle = masks_and_oracles(19)[case]
+    with torch.no_grad():
+        out = module(x, mask=mask)
+    assert_close(out, golden(module, x, _dense4(oracle)))
+
+
+def test_fully_masked_rows_are_zero_not_nan(x):
+    module = fm.MultiheadFlexAttention(E, H, backend="sdpa", bias=False)
+    mask = fm.causal() & fm.padding([19, 4])
+    out = module(x, mask=mask)
+    assert not out.isnan().any()
+    assert out[1, 4:].abs().max() == 0  # pad rows: zero attention, no bias
+    out.sum().backward()
+    for p in module.parameters():
+        assert p.grad is not None and not p.grad.isnan().any()
+
+
+def test_block_mask_input_uses_partial_blocks_exactly(x):
+    module = fm.MultiheadFlexAttention(E, H, backend="sdpa")
+    mask, oracle = masks_and_oracles(19)["causal_padding"]
+    bm = fm.block_mask(mask, 19, block_size=16, device="cpu", compile=False)
+    with torch.no_grad():
+        out = module(x, mask=bm)
+    assert_close(out, golden(module, x, _dense4(oracle)))
+
+
+def test_cross_attention(x):
+    torch.manual_seed(2)
+    context = torch.randn(2, 11, E)
+    module = fm.MultiheadFlexAttention(E, H, num_kv_heads=2, backend="sdpa")
+    mask = fm.prefix_lm(3)
+    with torch.no_grad():
+        out = module(x, context, mask=mask)
+    assert out.shape == x.shape
+    assert_close(out, golden(module, x, ref.prefix_lm(19, 11, 3)[:, None], context))
+
+
+def alibi(score, b, h, q_idx, kv_idx):
+    return score - (h + 1) * 0.25 * (q_idx - kv_idx).abs()
+
+
+def softcap(score, b, h, q_idx, kv_idx):
+    return 5.0 * torch.tanh(score / 5.0)
+
+
+def _alibi_scores(scores):
+    s, s_kv = scores.shape[-2:]
+    dist = (torch.arange(s)[:, None] - torch.arange(s_kv)[None, :]).abs().double()
+    slopes = (torch.arange(scores.shape[1]) + 1).double()[:, None, None] * 0.25
+    return scores - slopes * dist
+
+
+@pytest.mark.parametrize(
+    ("score_mod", "scores_fn"),
+    [(alibi, _alibi_scores), (softcap, lambda s: 5.0 * torch.tanh(s / 5.0))],
+    ids=["alibi", "softcap"],
+)
+def test_score_mod_on_sdpa_backend(x, score_mod, scores_fn):
+    module = fm.MultiheadFlexAttention(E, H, num_kv_heads=2, score_mod=score_mod, backend="sdpa")
+    mask, oracle = masks_and_oracles(19)["causal_padding"]
+    with torch.no_grad():
+        out = module(x, mask=mask)
+    assert_close(out, golden(module, x, _dense4(oracle), scores_fn=scores_fn))
+
+
+def _copy_from_torch_mha(mha):
+    module = fm.MultiheadFlexAttention(E, H, backend="sdpa")
+    wq, wk, wv = mha.in_proj_weight.chunk(3)
+    bq, bk, bv = mha.in_proj_bias.chunk(3)
+    with torch.no_grad():
+        for layer, w, b in ((module.q_proj, wq, bq), (module.k_proj, wk, bk),
+                            (module.v_proj, wv, bv)):  # fmt: skip
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        module.out_proj.weight.copy_(mha.out_proj.weight)
+        module.out_proj.bias.copy_(mha.out_proj.bias)
+    return module
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_torch_multihead_attention(x, causal):
+    torch.manual_seed(3)
+    mha = torch.nn.MultiheadAttention(E, H, batch_first=True)
+    module = _copy_from_torch_mha(mha)
+    s = x.shape[1]
+    blocked = ~ref.causal(s, s)[0] if causal else None  # torch: True = may NOT attend
+    with torch.no_grad():
+        want, _ = mha(x, x, x, attn_mask=blocked, need_weights=False)
+        got = module(x, mask=fm.causal() if causal else None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_heads", [H, 2])
+def test_cpu_training_gradients_match_golden(x, kv_heads):
+    torch.manual_seed(4)
+    module = fm.MultiheadFlexAttention(E, H, num_kv_heads=kv_heads, backend="auto")
+    mask, oracle = masks_and_oracles(19)["causal_padding"]
+    xg = x.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module(xg, mask=mask).square().sum().backward()
+
+    ghost = copy.deepcopy(module).double()  # the same weights, in float64
+    x64 = x.double().requires_grad_()
+    golden(ghost, x64, _dense4(oracle)).square().sum().backward()
+    assert_close(xg.grad, x64.grad, rel=1e-5)
+    floor = max(g.grad.abs().max().item() for g in ghost.parameters())
+    for p, g in zip(module.parameters(), ghost.parameters(), strict=True):
+        assert_close(p.grad, g.grad, rel=1e-5, floor=floor)
+
+
+def test_auto_warns_once_about_cpu_training(x, monkeypatch):
+    monkeypatch.setattr(attention_module, "_warned_cpu_backward", False)
+    module = fm.MultiheadFlexAttention(E, H)
+    with pytest.warns(UserWarning, match="no backward pass on CPU"):
+        module(x, mask=fm.causal())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module(x, mask=fm.causal())  # no second warning
+
+
+def test_project_shapes(x):
+    module = fm.MultiheadFlexAttention(E, H, num_kv_heads=2)
+    q, k, v = module.project(x, torch.randn(2, 7, E))
+    assert q.shape == (2, H, 19, E // H)
+    assert k.shape == v.shape == (2, 2, 7, E // H)
+
+
+def test_dropout_only_while_training(x):
+    torch.manual_seed(5)
+    module = fm.MultiheadFlexAttention(E, H, dropout=0.5, backend="sdpa")
+    with torch.no_grad():
+        a, b = module(x), module(x)
+        assert not torch.equal(a, b)
+        module.eval()
+        assert torch.equal(module(x), module(x))
+
+
+# -- the flex backend (compiled: slow) ------------------------------------------------------
+
+S_FLEX = 200  # one shape for every flex test: compiled once
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(masks_and_oracles(S_FLEX)))
+@pytest.mark.parametrize("kv_heads", [H, 2])
+def test_flex_matches_golden(case, kv_heads):
+    torch.manual_seed(6)
+    x = torch.randn(2, S_FLEX, E)
+    module = fm.MultiheadFlexAttention(E, H, num_kv_heads=kv_heads, backend="flex")
+    mask, oracle = masks_and_oracles(S_FLEX)[case]
+    with torch.no_grad():
+        out = module(x, mask=mask)
+    assert not out.isnan().any()
+    assert_close(out, golden(module, x, _dense4(oracle)))
+
+
+@pytest.mark.slow
+def test_flex_with_score_mod_and_block_mask_matches_golden():
+    torch.manual_seed(7)
+    x = torch.randn(2, S_FLEX, E)
+    module = fm.MultiheadFlexAttention(E, H, score_mod=alibi, backend="flex")
+    mask, oracle = masks_and_oracles(S_FLEX)["causal_padding"]
+    bm = fm.block_mask(mask, S_FLEX, device="cpu")
+    with torch.no_grad():
+        out = module(x, mask=bm)
+    assert_close(out, golden(module, x, _dense4(oracle), scores_fn=_alibi_scores))
+
+
+@pytest.mark.slow
+def test_auto_runs_flex_for_cpu_inference_and_agrees_with_sdpa():
+    torch.manual_seed(8)
+    x = torch.randn(2, S_FLEX, E)
+    module = fm.MultiheadFlexAttention(E, H, backend="auto")
+    mask = fm.causal() & fm.padding([S_FLEX, 50])
+    with torch.no_grad():
+        assert module._choose_backend(x) == "flex"
+        auto = module(x, mask=mask)
+        module.backend = "sdpa"
+        sdpa = module(x, mask=mask)
+    torch.testing.assert_close(auto, sdpa, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,285 @@
+"""Every factory against its dense oracle; the algebra's laws; repr, equality, pictures."""
+
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import create_mask
+
+import flexmask as fm
+from tests import reference as ref
+
+# Sizes that are and are not multiples of the block size, q_len != kv_len included.
+SIZES = [(1, 1), (7, 7), (128, 128), (200, 200), (130, 260), (260, 130)]
+
+
+def _doc_ids(n: int) -> list[int]:
+    return [i * 5 // max(n, 1) for i in range(n)]  # 5 documents of near-equal length
+
+
+def _parents(n: int) -> list[int]:
+    return [-1] + [(i - 1) // 2 for i in range(1, n)]  # a binary tree in breadth-first order
+
+
+def _split(n: int) -> list[int]:
+    return [n // 3, n - n // 3 - n // 4, n // 4]
+
+
+# name -> (q_len, kv_len) -> (mask, oracle [B, q_len, kv_len])
+CASES = {
+    "full": lambda q, kv: (fm.full(), ref.full(q, kv)),
+    "causal": lambda q, kv: (fm.causal(), ref.causal(q, kv)),
+    "sliding_window_1": lambda q, kv: (fm.sliding_window(1), ref.sliding_window(q, kv, 1)),
+    "sliding_window_37": lambda q, kv: (fm.sliding_window(37), ref.sliding_window(q, kv, 37)),
+    "prefix_lm_int": lambda q, kv: (fm.prefix_lm(50), ref.prefix_lm(q, kv, 50)),
+    "prefix_lm_batch": lambda q, kv: (fm.prefix_lm([0, 3, 140]), ref.prefix_lm(q, kv, [0, 3, 140])),
+    "padding_right": lambda q, kv: (
+        fm.padding([min(q, kv), 0, (q + 1) // 2]),
+        ref.padding(q, kv, [min(q, kv), 0, (q + 1) // 2]),
+    ),
+    "padding_left": lambda q, kv: (
+        fm.padding([kv, 1, kv // 3], side="left"),
+        ref.padding(q, kv, [kv, 1, kv // 3], side="left"),
+    ),
+    "document_1d": lambda q, kv: (
+        fm.document(_doc_ids(max(q, kv))),
+        ref.document(q, kv, _doc_ids(max(q, kv))),
+    ),
+    "document_2d": lambda q, kv: (
+        fm.document([_doc_ids(max(q, kv)), [0] * max(q, kv)]),
+        ref.document(q, kv, [_doc_ids(max(q, kv)), [0] * max(q, kv)]),
+    ),
+    "packed": lambda q, kv: (fm.packed(_split(max(q, kv))), ref.packed(q, kv, _split(max(q, kv)))),
+    "chunked_1": lambda q, kv: (fm.chunked(1), ref.chunked(q, kv, 1)),
+    "chunked_48": lambda q, kv: (fm.chunked(48), ref.chunked(q, kv, 48)),
+    "tree": lambda q, kv: (fm.tree(_parents(max(q, kv))), ref.tree(q, kv, _parents(max(q, kv)))),
+    "tree_context": lambda q, kv: (
+        fm.tree(_parents(max(q, kv) // 2 + 1), context_len=max(q, kv) - max(q, kv) // 2 - 1),
+        ref.tree(q, kv, _parents(max(q, kv) // 2 + 1), max(q, kv) - max(q, kv) // 2 - 1),
+    ),
+}
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_factory_matches_oracle(name, size):
+    q_len, kv_len = size
+    mask, oracle = CASES[name](q_len, kv_len)
+    dense = fm.to_dense(mask, q_len, kv_len, heads=2, device="cpu")
+    assert dense.shape == (oracle.shape[0], 2, q_len, kv_len)
+    assert torch.equal(dense, oracle[:, None].expand_as(dense))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_factory_is_a_torch_mask_mod(name):
+    """A MaskMod goes straight into torch's create_mask (left padding once bound to a length)."""
+    mask, oracle = CASES[name](200, 200)
+    dense = create_mask(mask.bind(200, 200), oracle.shape[0], 1, 200, 200, "cpu")
+    assert torch.equal(dense[:, 0], oracle)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_block_mask_to_dense_matches_oracle(name):
+    mask, oracle = CASES[name](200, 130)
+    bm = fm.block_mask(mask, 200, 130, block_size=64, device="cpu", compile=False)
+    dense = fm.block_mask_to_dense(bm)
+    assert torch.equal(dense[:, 0], oracle)
+    assert torch.equal(fm.convert.block_kinds(bm)[:, 0], ref.block_kinds(oracle, 64))
+
+
+def test_unbound_left_padding_says_how_to_fix():
+    with pytest.raises(ValueError, match="needs the sequence length"):
+        create_mask(fm.padding([2], side="left"), 1, 1, 4, 4, "cpu")
+
+
+# -- the pictures in the docstrings ---------------------------------------------------------
+
+PICTURES = {
+    "full": ref.full(4, 4),
+    "causal": ref.causal(4, 4),
+    "sliding_window": ref.sliding_window(5, 5, 3),
+    "prefix_lm": ref.prefix_lm(4, 4, 2),
+    "padding": ref.padding(4, 4, [3]),
+    "document": ref.document(4, 4, [0, 0, 1, 1]),
+    "packed": ref.packed(4, 4, [1, 3]),
+    "chunked": ref.chunked(5, 5, 2),
+    "tree": ref.tree(5, 5, [-1, 0, 0, 1], context_len=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PICTURES))
+def test_docstring_picture(name):
+    doc = getattr(fm, name).__doc__
+    rows = [line.strip() for line in doc.splitlines() if re.fullmatch(r"\s*[■⬚][■⬚ ]*", line)]
+    assert "\n".join(rows) == ref.render(PICTURES[name][0])
+
+
+# -- algebra --------------------------------------------------------------------------------
+
+Q, KV = 23, 29  # odd sizes, q_len != kv_len
+
+
+def leaves():
+    return st.one_of(
+        st.just((fm.full(), ref.full(Q, KV))),
+        st.just((fm.causal(), ref.causal(Q, KV))),
+        st.integers(1, 30).map(lambda w: (fm.sliding_window(w), ref.sliding_window(Q, KV, w))),
+        st.integers(0, 30).map(lambda p: (fm.prefix_lm(p), ref.prefix_lm(Q, KV, p))),
+        st.integers(1, 30).map(lambda c: (fm.chunked(c), ref.chunked(Q, KV, c))),
+        st.lists(st.integers(0, KV), min_size=2, max_size=2).map(
+            lambda n: (fm.padding(n), ref.padding(Q, KV, n))
+        ),
+        st.lists(st.integers(0, 3), min_size=KV, max_size=KV).map(
+            lambda ids: (fm.document(sorted(ids)), ref.document(Q, KV, sorted(ids)))
+        ),
+    )
+
+
+def expressions(leaf=None):
+    """(mask, oracle) pairs; the oracle is built with tensor &, |, ~ from the leaves' oracles."""
+
+    def extend(children):
+        return st.one_of(
+            st.tuples(children, children).map(lambda p: (p[0][0] & p[1][0], p[0][1] & p[1][1])),
+            st.tuples(children, children).map(lambda p: (p[0][0] | p[1][0], p[0][1] | p[1][1])),
+            children.map(lambda p: (~p[0], ~p[1])),
+        )
+
+    return st.recursive(leaf or leaves(), extend, max_leaves=5)
+
+
+def dense(mask):
+    return fm.to_dense(mask, Q, KV, device="cpu")[:, 0]
+
+
+@given(expressions())
+def test_composition_matches_oracle(pair):
+    mask, oracle = pair
+    got = dense(mask)
+    assert torch.equal(got, oracle.expand_as(got))
+
+
+@given(expressions(), expressions())
+def test_algebra_laws(p1, p2):
+    a, b = p1[0], p2[0]
+    assert torch.equal(dense(~(a & b)), dense(~a | ~b))  # De Morgan
+    assert torch.equal(dense(~(a | b)), dense(~a & ~b))
+    assert torch.equal(dense(a & fm.full()), dense(a))
+    assert torch.equal(dense(a | ~fm.full()), dense(a))
+    assert torch.equal(dense(~~a), dense(a))
+    assert torch.equal(dense(a & b), dense(b & a))
+    assert torch.equal(dense(a | b), dense(b | a))
+
+
+SCALAR_LEAVES = st.one_of(
+    st.just(fm.full()),
+    st.just(fm.causal()),
+    st.integers(1, 300).map(fm.sliding_window),
+    st.integers(0, 300).map(fm.prefix_lm),
+    st.integers(1, 300).map(fm.chunked),
+)
+
+
+def scalar_expressions():
+    return st.recursive(
+        SCALAR_LEAVES,
+        lambda c: st.one_of(
+            st.tuples(c, c).map(lambda p: p[0] & p[1]),
+            st.tuples(c, c).map(lambda p: p[0] | p[1]),
+            c.map(lambda m: ~m),
+        ),
+        max_leaves=6,
+    )
+
+
+@given(scalar_expressions())
+def test_repr_round_trips_for_scalar_masks(mask):
+    rebuilt = eval(repr(mask), vars(fm))  # the repr is a flexmask expression
+    assert rebuilt == mask
+    assert hash(rebuilt) == hash(mask)
+    assert rebuilt.cacheable
+    assert re.fullmatch(r"[A-Za-z0-9._]+", mask.slug)
+
+
+def test_repr_parenthesises_only_where_needed():
+    sw, p, c = fm.sliding_window(256), fm.prefix_lm(64), fm.causal()
+    assert repr((sw | p) & fm.padding([900, 4096])) == (
+        "(sliding_window(256) | prefix_lm(64)) & padding(lengths=tensor([900, 4096]))"
+    )
+    assert repr(sw | p & c) == "sliding_window(256) | prefix_lm(64) & causal()"
+    assert repr(~(sw & c)) == "~(sliding_window(256) & causal())"
+    assert repr(~sw & c) == "~sliding_window(256) & causal()"
+    assert repr((c & sw) & p) == "causal() & sliding_window(256) & prefix_lm(64)"
+    assert repr(c | (sw | p)) == "causal() | sliding_window(256) | prefix_lm(64)"
+    assert repr(~~c) == "~~causal()"
+
+
+def test_repr_of_tensor_masks():
+    assert repr(fm.tree([-1, 0], context_len=3)) == "tree(parents=tensor([-1, 0]), context_len=3)"
+    assert repr(fm.document([[0, 1], [1, 1]])) == "document(doc_ids=tensor([[0, 1], [1, 1]]))"
+    long = repr(fm.document(list(range(100))))
+    assert long == "document(doc_ids=tensor([0, 1, 2, ..., 97, 98, 99], shape=(100,)))"
+    assert fm.padding([3, 5]).slug == "padding_lengths_3_5"
+    assert len(fm.document(list(range(100))).slug) <= 96
+
+
+def test_equality_and_hashing():
+    assert fm.sliding_window(4) == fm.sliding_window(4)
+    assert fm.sliding_window(4) != fm.sliding_window(5)
+    assert fm.causal() & fm.chunked(3) == fm.causal() & fm.chunked(3)
+    assert fm.causal() & fm.chunked(3) != fm.chunked(3) & fm.causal()  # expressions, not sets
+    assert len({fm.causal(), fm.causal(), fm.full()}) == 2
+    pad = fm.padding([3])
+    assert pad != fm.padding([3])  # tensors: identity
+    assert pad == pad and hash(pad) == hash(pad)
+    assert fm.causal() & pad == fm.causal() & pad  # same parts, same expression
+    assert not (fm.causal() & pad).cacheable
+
+
+def test_plain_functions_and_attention_gym_style_operands():
+    def gym_causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    mask = fm.chunked(4) & gym_causal
+    assert isinstance(mask, fm.MaskMod)
+    assert repr(mask) == "chunked(4) & gym_causal"
+    assert repr(gym_causal | fm.chunked(4)) == "gym_causal | chunked(4)"
+    assert fm.as_mask(gym_causal) == fm.as_mask(gym_causal)
+    oracle = ref.causal(9, 9) & ref.chunked(9, 9, 4)
+    assert torch.equal(fm.to_dense(mask, 9, device="cpu")[:, 0], oracle)
+    assert torch.equal(fm.to_dense(fm.not_mask(gym_causal), 9, device="cpu")[0, 0], ~ref.causal(9, 9)[0])
+
+
+def test_function_forms_equal_operators():
+    a, b, c = fm.causal(), fm.chunked(3), fm.sliding_window(2)
+    assert fm.and_masks(a, b, c) == a & b & c
+    assert fm.or_masks(a, b, c) == a | b | c
+    assert fm.not_mask(a) == ~a
+    assert fm.and_masks(a) is a
+
+
+def test_masks_copy_their_tensors():
+    lengths = torch.tensor([3, 4])
+    mask = fm.padding(lengths)
+    lengths[0] = 0  # the caller's tensor changes; the mask does not
+    assert torch.equal(fm.to_dense(mask, 4, device="cpu")[0, 0], ref.padding(4, 4, [3])[0])
+
+
+def test_to_moves_every_tensor():
+    mask = fm.causal() & fm.padding([2]) & fm.tree([-1, 0], context_len=1)
+    moved = mask.to("meta")
+    assert {t.device.type for t in moved.tensors()} == {"meta"}
+    assert [t.shape for t in moved.tensors()] == [t.shape for t in mask.tensors()]
+    assert mask.device == torch.device("cpu")
+
+
+def test_batch_size_and_head_use():
+    assert fm.causal().batch_size is None
+    assert (fm.causal() & fm.padding([1, 2, 3])).batch_size == 3
+    assert fm.prefix_lm(torch.tensor(5)).batch_size is None  # 0-d: shared by all rows
+    assert not (fm.causal() & fm.padding([1])).uses_heads
+    assert fm.as_mask(lambda b, h, q, kv: q >= kv).uses_heads
+    with pytest.raises(ValueError, match="disagree on the batch size"):
+        _ = (fm.padding([1, 2]) & fm.prefix_lm([1, 2, 3])).batch_size
