@@ -74,7 +74,6 @@ def check_block_size(block_size: object) -> int:
         )
     if block_size < 16 or block_size % 16:
         raise ValueError(
-            f"block_size=... must be a positive multiple of 16 (e.g. 64 or 128), got "
-            f"{block_size}."
+            f"block_size=... must be a positive multiple of 16 (e.g. 64 or 128), got {block_size}."
         )
     return block_size

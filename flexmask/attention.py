@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .block import RECOMPILE_LIMIT
 from .block import block_mask as build_block_mask
 from .convert import block_mask_to_dense, to_dense
 from .masks import MaskModFn, as_mask, full
@@ -179,11 +180,8 @@ class MultiheadFlexAttention(nn.Module):
             self._check_block_mask(mask, bsz, s_q, s_kv)
 
         q, k, v = self.project(x, context)
-        backend = self._choose_backend(q)
-        if backend == "flex":
-            out = self._flex(q, k, v, mask)
-        else:
-            out = self._sdpa(q, k, v, mask)
+        attend = self._flex if self._choose_backend(q) == "flex" else self._sdpa
+        out = attend(q, k, v, mask)
         return self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.embed_dim))
 
     # ----------------------------------------------------------------------------------------
@@ -265,11 +263,11 @@ class MultiheadFlexAttention(nn.Module):
                 heads=q.shape[1] if m.uses_heads else None,
                 block_size=self.block_size, device=q.device,
             )  # fmt: skip
-        out = _compiled_flex()(
-            q, k, v, score_mod=self.score_mod, block_mask=mask,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # fmt: skip
-        return out
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one graph per mask
+            return _compiled_flex()(
+                q, k, v, score_mod=self.score_mod, block_mask=mask,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )  # fmt: skip
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
         bsz, nh, s_q, _ = q.shape

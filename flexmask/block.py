@@ -19,6 +19,7 @@ __all__ = ["MaskStats", "block_mask", "cache_info", "check", "clear_cache", "des
 
 _CACHE: OrderedDict[tuple[object, ...], BlockMask] = OrderedDict()
 _CACHE_SIZE = 64
+RECOMPILE_LIMIT = 256  # graphs per compiled function: one per mask structure
 
 
 @functools.cache
@@ -84,8 +85,10 @@ def block_mask(
         def mask_fn(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return bound(b, h, q_idx, kv_idx)
 
-        build = _compiled_create_block_mask()
-        result = build(mask_fn, bsz, heads, q_len, kv_len, dev, block_size)
+        # Each mask *structure* is one graph; a model may well use more than dynamo's default 8.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            build = _compiled_create_block_mask()
+            result = build(mask_fn, bsz, heads, q_len, kv_len, dev, block_size)
         result.mask_mod = bound
     else:
         result = create_block_mask(bound, bsz, heads, q_len, kv_len, dev, block_size)
@@ -231,8 +234,9 @@ def _row_counts(bm: BlockMask, kinds: Tensor) -> Tensor:
     """Allowed keys per query row, ``[B, H, q_len]``: full blocks counted, partial evaluated."""
     q_len, kv_len = bm.seq_lengths
     qbs, kvbs = bm.BLOCK_SIZE
-    nb, nh, nqb, nkvb = kinds.shape
-    kv_width = (kv_len - torch.arange(nkvb, device=kinds.device) * kvbs).clamp(max=kvbs)  # keys in each kv block
+    nh, nkvb = kinds.shape[1], kinds.shape[3]
+    starts = torch.arange(nkvb, device=kinds.device) * kvbs
+    kv_width = (kv_len - starts).clamp(max=kvbs)  # keys in each kv block
     per_block_row = ((kinds == 2) * kv_width).sum(-1)  # [B, H, QB]: keys from full blocks
     counts = per_block_row.repeat_interleave(qbs, dim=-1)[..., :q_len].clone()
     bi, hi, qi, ki = (kinds == 1).nonzero(as_tuple=True)
@@ -279,7 +283,7 @@ def check(
     """
     m = as_mask(mask)
     kv_len = check_lengths(q_len, kv_len)
-    nb = resolve_batch(m, batch, default=1)
+    nb = resolve_batch(m, batch) or 1
     nh = check_count(heads, "heads") or 1
     dev = resolve_device(m, device)
     bound = m.bind(q_len, kv_len)
@@ -305,8 +309,12 @@ def check(
             f"{int(empty.sum())} of {empty.numel()} query rows see no key (they get zeros): "
             + _describe_rows(empty)
         )
-    if batch is not None and nb > 1 and m.batch_size is None and _same_along(bound, 0, nb, nh,
-                                                                             q_len, kv_len, dev):
+    if (
+        batch is not None
+        and nb > 1
+        and m.batch_size is None
+        and _same_along(bound, 0, nb, nh, q_len, kv_len, dev)
+    ):
         problems.append(
             f"the mask ignores b but batch={nb} was asked: build with batch=None to share one "
             f"BlockMask row across the batch ({nb}x less memory and build time)"

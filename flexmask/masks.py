@@ -89,7 +89,7 @@ class MaskMod:
         if type(self) is not type(other):
             return False
         key = self._key()
-        return key is not None and key == other._key()  # type: ignore[attr-defined]
+        return key is not None and key == other._key()
 
     def __hash__(self) -> int:
         key = self._key()
@@ -277,7 +277,7 @@ class _Composite(MaskMod):
         return None
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.parts == other.parts  # type: ignore[attr-defined]
+        return type(self) is type(other) and self.parts == other.parts
 
     def __hash__(self) -> int:
         return hash((self.op, self.parts))
@@ -400,9 +400,7 @@ def _int_tensor(value: Any, call: str, ranks: tuple[int, ...]) -> Tensor:
         )
     if tensor.dim() not in ranks:
         shapes = " or ".join(f"{r}-D" for r in ranks)
-        raise ValueError(
-            f"{call} needs a {shapes} tensor, got shape {tuple(tensor.shape)}."
-        )
+        raise ValueError(f"{call} needs a {shapes} tensor, got shape {tuple(tensor.shape)}.")
     return tensor.detach().clone()
 
 

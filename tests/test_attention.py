@@ -1,4 +1,4 @@
-"""MultiheadFlexAttention against a float64 golden built by hand, and against nn.MultiheadAttention."""
+"""MultiheadFlexAttention against a float64 golden built by hand and nn.MultiheadAttention."""
 
 import copy
 import warnings

@@ -249,7 +249,9 @@ def test_plain_functions_and_attention_gym_style_operands():
     assert fm.as_mask(gym_causal) == fm.as_mask(gym_causal)
     oracle = ref.causal(9, 9) & ref.chunked(9, 9, 4)
     assert torch.equal(fm.to_dense(mask, 9, device="cpu")[:, 0], oracle)
-    assert torch.equal(fm.to_dense(fm.not_mask(gym_causal), 9, device="cpu")[0, 0], ~ref.causal(9, 9)[0])
+    assert torch.equal(
+        fm.to_dense(fm.not_mask(gym_causal), 9, device="cpu")[0, 0], ~ref.causal(9, 9)[0]
+    )
 
 
 def test_function_forms_equal_operators():

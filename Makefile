@@ -1,0 +1,48 @@
+# Every target that needs the environment builds it first, so any target works on a fresh clone.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow test-all lint format typecheck nb demo check clean
+
+# torch first and pinned: an unpinned torch pulls several GB of CUDA wheels on a CPU machine.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)  ## the fast suite: no torch.compile
+	$(PY) -m pytest
+
+test-slow: $(STAMP)  ## only the compiled (slow) tests
+	$(PY) -m pytest -m "slow and not gpu" tests
+
+test-all: $(STAMP)  ## everything but the GPU tests
+	$(PY) -m pytest -m "not gpu"
+
+lint: $(STAMP)
+	$(PY) -m ruff check flexmask tests benchmarks
+	$(PY) -m ruff format --check flexmask tests benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff format flexmask tests benchmarks
+	$(PY) -m ruff check --fix flexmask tests benchmarks
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+nb: $(STAMP)  ## run the notebooks (committed without outputs)
+	$(PY) -m pytest -p no:cacheprovider -o addopts="" --nbmake notebooks
+
+demo: $(STAMP)  ## the main job for now: every factory's BlockMask described, the module on a padded batch
+	$(PY) benchmarks/demo.py
+
+check: lint typecheck test-all nb
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
