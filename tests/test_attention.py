@@ -251,3 +251,13 @@ def test_auto_runs_flex_for_cpu_inference_and_agrees_with_sdpa():
         module.backend = "sdpa"
         sdpa = module(x, mask=mask)
     torch.testing.assert_close(auto, sdpa, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_flex_cross_attention_matches_golden():
+    torch.manual_seed(9)
+    x, context = torch.randn(2, S_FLEX, E), torch.randn(2, 150, E)
+    module = fm.MultiheadFlexAttention(E, H, num_kv_heads=2, backend="flex")
+    with torch.no_grad():
+        out = module(x, context, mask=fm.prefix_lm(40))
+    assert_close(out, golden(module, x, ref.prefix_lm(S_FLEX, 150, 40)[:, None], context))

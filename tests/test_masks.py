@@ -285,3 +285,22 @@ def test_batch_size_and_head_use():
     assert fm.as_mask(lambda b, h, q, kv: q >= kv).uses_heads
     with pytest.raises(ValueError, match="disagree on the batch size"):
         _ = (fm.padding([1, 2]) & fm.prefix_lm([1, 2, 3])).batch_size
+
+
+@pytest.mark.slow
+def test_mask_mods_work_in_torchs_compiled_apis():
+    """Straight into torch: compiled create_block_mask, then compiled flex_attention."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from tests.reference import attention
+
+    mask = fm.causal() & fm.padding([200, 70]) & fm.document([j // 50 for j in range(200)])
+    oracle = ref.causal(200, 200) & ref.padding(200, 200, [200, 70])
+    oracle = oracle & ref.document(200, 200, [j // 50 for j in range(200)])
+    bm = torch.compile(create_block_mask)(mask, 2, None, 200, 200, "cpu")
+    assert torch.equal(fm.block_mask_to_dense(bm)[:, 0], oracle)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 200, 16) for _ in range(3))
+    out = torch.compile(flex_attention)(q, k, v, block_mask=bm)
+    want = attention(q.double(), k.double(), v.double(), oracle[:, None])
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
