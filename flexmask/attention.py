@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from ._checks import check_block_size
 from .block import RECOMPILE_LIMIT
 from .block import block_mask as build_block_mask
 from .convert import block_mask_to_dense, to_dense
@@ -114,8 +115,6 @@ class MultiheadFlexAttention(nn.Module):
                 f"MultiheadFlexAttention(score_mod=...) must be a callable (score, b, h, q_idx, "
                 f"kv_idx) -> score, got {type(score_mod).__name__}."
             )
-        from ._checks import check_block_size
-
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

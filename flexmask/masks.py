@@ -404,6 +404,16 @@ def _int_tensor(value: Any, call: str, ranks: tuple[int, ...]) -> Tensor:
     return tensor.detach().clone()
 
 
+def _lengths(value: Any, call: str, needs: str) -> Tensor:
+    """A non-empty 1-D tensor of counts >= 0."""
+    tensor = _int_tensor(value, call, ranks=(1,))
+    if tensor.numel() == 0:
+        raise ValueError(f"{call} needs {needs}, got an empty tensor.")
+    if int(tensor.min()) < 0:
+        raise ValueError(f"{call} needs lengths >= 0, got {tensor.tolist()}.")
+    return tensor
+
+
 def _fmt_tensor(t: Tensor) -> str:
     if t.numel() <= 16:
         return f"tensor({t.tolist()})"
@@ -663,12 +673,7 @@ def padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod:
         >>> fm.to_dense(fm.padding([2, 3], side="left"), 3, 3)[0, 0].int().tolist()
         [[0, 0, 0], [0, 1, 1], [0, 1, 1]]
     """
-    call = "padding(lengths=...)"
-    tensor = _int_tensor(lengths, call, ranks=(1,))
-    if tensor.numel() == 0:
-        raise ValueError(f"{call} needs one length per batch row, got an empty tensor.")
-    if int(tensor.min()) < 0:
-        raise ValueError(f"{call} needs lengths >= 0, got {tensor.tolist()}.")
+    tensor = _lengths(lengths, "padding(lengths=...)", "one length per batch row")
     if side not in ("right", "left"):
         raise ValueError(f"padding(side=...) must be 'right' or 'left', got {side!r}.")
     return _Padding(tensor, side)
@@ -766,12 +771,7 @@ def packed(lengths: Tensor | Sequence[int]) -> MaskMod:
         >>> fm.to_dense(fm.packed([2, 1]), 3)[0, 0].int().tolist()
         [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
     """
-    call = "packed(lengths=...)"
-    tensor = _int_tensor(lengths, call, ranks=(1,))
-    if tensor.numel() == 0:
-        raise ValueError(f"{call} needs at least one document length, got an empty tensor.")
-    if int(tensor.min()) < 0:
-        raise ValueError(f"{call} needs lengths >= 0, got {tensor.tolist()}.")
+    tensor = _lengths(lengths, "packed(lengths=...)", "at least one document length")
     ids = torch.repeat_interleave(torch.arange(tensor.numel(), device=tensor.device), tensor)
     return _Document(ids, name="packed", shown=tensor)
 
