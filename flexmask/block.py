@@ -72,12 +72,12 @@ def block_mask(
     heads = check_count(heads, "heads")
     block_size = check_block_size(block_size)
     dev = resolve_device(m, device)
-    bound = m.bind(q_len, kv_len)  # validates tensor sizes against the lengths
 
     key = (m, q_len, kv_len, bsz, heads, block_size, str(dev))
-    if cache and key in _CACHE:
+    if cache and key in _CACHE:  # an equal mask was bound and checked when it was built
         _CACHE.move_to_end(key)
         return _CACHE[key]
+    bound = m.bind(q_len, kv_len)  # validates tensor sizes against the lengths
 
     if compile:
         # Hand compiled code a plain closure: torch guards a callable *object* by identity, so
