@@ -19,12 +19,13 @@ def check_lengths(q_len: object, kv_len: object) -> int:
     return q_len if kv_len is None else kv_len  # type: ignore[return-value]
 
 
-def check_count(value: object, name: str) -> int | None:
-    """``batch``/``heads``: None or a positive int."""
-    if value is None:
+def check_count(value: object, name: str, allow_none: bool = True) -> int | None:
+    """``batch``/``heads``: a positive int, or None where ``allow_none``."""
+    if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}=... must be None or a positive int, got {value!r}.")
+        what = "None or a positive int" if allow_none else "a positive int"
+        raise ValueError(f"{name}=... must be {what}, got {value!r}.")
     return value
 
 
@@ -44,13 +45,7 @@ def resolve_batch(mask: MaskMod, batch: object, default: int | None = 1) -> int 
 
 def resolve_device(mask: MaskMod, device: torch.device | str | None) -> torch.device:
     """The device to build on: ``device``, else the mask's, else torch's current accelerator/CPU."""
-    devices = {t.device for t in mask.tensors()}
-    if len(devices) > 1:
-        raise ValueError(
-            f"the mask {mask!r} holds tensors on several devices ({sorted(map(str, devices))}); "
-            "move it to one with mask.to(device)."
-        )
-    held = devices.pop() if devices else None
+    held = mask.device
     if device is None:
         return held or torch.device(torch.accelerator.current_accelerator() or "cpu")
     want = torch.device(device)

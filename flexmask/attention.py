@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ._checks import check_block_size
-from .block import RECOMPILE_LIMIT
+from .block import RECOMPILE_LIMIT, cached_dense
 from .block import block_mask as build_block_mask
-from .convert import block_mask_to_dense, to_dense
+from .convert import block_mask_to_dense
 from .masks import MaskModFn, as_mask, full
 
 __all__ = ["MultiheadFlexAttention", "ScoreModFn"]
@@ -276,7 +276,7 @@ class MultiheadFlexAttention(nn.Module):
         elif isinstance(mask, BlockMask):
             dense = block_mask_to_dense(mask).to(q.device)
         else:
-            dense = to_dense(
+            dense = cached_dense(
                 mask, s_q, s_kv,
                 batch=bsz if mask.uses_batch else 1,
                 heads=nh if mask.uses_heads else 1, device=q.device,

@@ -12,13 +12,33 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from ._checks import check_block_size, check_count, check_lengths, resolve_batch, resolve_device
-from .convert import block_kinds, evaluate_tiles
+from .convert import block_kinds, evaluate_tiles, partial_tiles, to_dense
 from .masks import MaskMod, MaskModFn, as_mask
 
 __all__ = ["MaskStats", "block_mask", "cache_info", "check", "clear_cache", "describe"]
 
-_CACHE: OrderedDict[tuple[object, ...], BlockMask] = OrderedDict()
-_CACHE_SIZE = 64
+
+class _LRU(OrderedDict[tuple[object, ...], object]):
+    """A bounded mapping that forgets the least recently used entry."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+
+    def get_recent(self, key: tuple[object, ...]) -> object | None:
+        if key not in self:
+            return None
+        self.move_to_end(key)
+        return self[key]
+
+    def put(self, key: tuple[object, ...], value: object) -> None:
+        self[key] = value
+        while len(self) > self.maxsize:
+            self.popitem(last=False)
+
+
+_BLOCK_MASKS = _LRU(64)
+_DENSE_MASKS = _LRU(4)  # dense masks are q_len x kv_len bytes each: keep few
 RECOMPILE_LIMIT = 256  # graphs per compiled function: one per mask structure
 
 
@@ -74,9 +94,9 @@ def block_mask(
     dev = resolve_device(m, device)
 
     key = (m, q_len, kv_len, bsz, heads, block_size, str(dev))
-    if cache and key in _CACHE:  # an equal mask was bound and checked when it was built
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
+    hit = _BLOCK_MASKS.get_recent(key) if cache else None
+    if isinstance(hit, BlockMask):  # an equal mask was bound and checked when it was built
+        return hit
     bound = m.bind(q_len, kv_len)  # validates tensor sizes against the lengths
 
     if compile:
@@ -94,20 +114,38 @@ def block_mask(
         result = create_block_mask(bound, bsz, heads, q_len, kv_len, dev, block_size)
 
     if cache:
-        _CACHE[key] = result
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        _BLOCK_MASKS.put(key, result)
     return result
 
 
+def cached_dense(
+    mask: MaskMod, q_len: int, kv_len: int, *, batch: int, heads: int, device: torch.device
+) -> Tensor:
+    """``to_dense`` for the SDPA backend, cached like BlockMasks: every layer of a model reuses
+    the mask the first layer built (callers must not modify the result)."""
+    key = (mask, q_len, kv_len, batch, heads, str(device))
+    hit = _DENSE_MASKS.get_recent(key)
+    if isinstance(hit, Tensor):
+        return hit
+    dense = to_dense(mask, q_len, kv_len, batch=batch, heads=heads, device=device)
+    _DENSE_MASKS.put(key, dense)
+    return dense
+
+
 def clear_cache() -> None:
-    """Forget every cached BlockMask."""
-    _CACHE.clear()
+    """Forget every cached BlockMask and dense mask."""
+    _BLOCK_MASKS.clear()
+    _DENSE_MASKS.clear()
 
 
 def cache_info() -> dict[str, int]:
-    """``{"size": entries now, "maxsize": bound}`` of the BlockMask cache."""
-    return {"size": len(_CACHE), "maxsize": _CACHE_SIZE}
+    """Entries now and bounds: ``size``/``maxsize`` for BlockMasks, ``dense_*`` for dense masks."""
+    return {
+        "size": len(_BLOCK_MASKS),
+        "maxsize": _BLOCK_MASKS.maxsize,
+        "dense_size": len(_DENSE_MASKS),
+        "dense_maxsize": _DENSE_MASKS.maxsize,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,14 +277,9 @@ def _row_counts(bm: BlockMask, kinds: Tensor) -> Tensor:
     kv_width = (kv_len - starts).clamp(max=kvbs)  # keys in each kv block
     per_block_row = ((kinds == 2) * kv_width).sum(-1)  # [B, H, QB]: keys from full blocks
     counts = per_block_row.repeat_interleave(qbs, dim=-1)[..., :q_len].clone()
-    bi, hi, qi, ki = (kinds == 1).nonzero(as_tuple=True)
-    step = max(1, 2**24 // (qbs * kvbs))
-    for start in range(0, bi.numel(), step):
-        sl = slice(start, start + step)
-        tiles = evaluate_tiles(bm.mask_mod, bi[sl], hi[sl], qi[sl] * qbs, ki[sl] * kvbs,
-                               qbs, kvbs, q_len, kv_len)  # fmt: skip
-        rows = (qi[sl, None] * qbs + torch.arange(qbs, device=kinds.device)).clamp(max=q_len - 1)
-        flat = (bi[sl, None] * nh + hi[sl, None]) * q_len + rows
+    for (bi, hi, qi, _), tiles in partial_tiles(bm, kinds):
+        rows = (qi[:, None] * qbs + torch.arange(qbs, device=kinds.device)).clamp(max=q_len - 1)
+        flat = (bi[:, None] * nh + hi[:, None]) * q_len + rows
         counts.view(-1).index_add_(0, flat.flatten(), tiles.sum(-1).flatten())
     return counts
 
@@ -300,7 +333,7 @@ def check(
         )
         return problems
 
-    bm = block_mask(bound, q_len, kv_len, batch=nb, heads=nh, block_size=block_size,
+    bm = block_mask(m, q_len, kv_len, batch=nb, heads=nh, block_size=block_size,
                     device=dev, compile=compile, cache=False)  # fmt: skip
     counts = _row_counts(bm, block_kinds(bm))  # [B, H, q_len]
     empty = counts == 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
-from ._checks import check_lengths, resolve_batch, resolve_device
+from ._checks import check_count, check_lengths, resolve_batch, resolve_device
 from .masks import MaskModFn, as_mask
 
 __all__ = ["block_mask_to_dense", "evaluate_tiles", "to_additive", "to_dense"]
@@ -39,15 +41,9 @@ def to_dense(
     m = as_mask(mask)
     kv_len = check_lengths(q_len, kv_len)
     batch = resolve_batch(m, batch)
-    heads = _positive(heads, "heads")
+    nh = check_count(heads, "heads", allow_none=False)
     dev = resolve_device(m, device)
-    return create_mask(m.bind(q_len, kv_len), batch, heads, q_len, kv_len, dev)
-
-
-def _positive(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}=... must be a positive int, got {value!r}.")
-    return value
+    return create_mask(m.bind(q_len, kv_len), batch, nh, q_len, kv_len, dev)
 
 
 def to_additive(dense: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -124,13 +120,27 @@ def block_mask_to_dense(block_mask: BlockMask) -> Tensor:
     nb, nh, nqb, nkvb = kinds.shape
     # Tile layout [B, H, QB, qbs, KVB, kvbs]: a block is one [qbs, kvbs] slice.
     tiles = (kinds == 2)[:, :, :, None, :, None].expand(nb, nh, nqb, qbs, nkvb, kvbs).clone()
-    bi, hi, qi, ki = (kinds == 1).nonzero(as_tuple=True)
-    for sl in _chunks(bi.numel(), max(1, 2**24 // (qbs * kvbs))):
-        tiles[bi[sl], hi[sl], qi[sl], :, ki[sl], :] = evaluate_tiles(
-            block_mask.mask_mod, bi[sl], hi[sl], qi[sl] * qbs, ki[sl] * kvbs,
-            qbs, kvbs, q_len, kv_len,
-        )  # fmt: skip
+    for (bi, hi, qi, ki), values in partial_tiles(block_mask, kinds):
+        tiles[bi, hi, qi, :, ki, :] = values
     return tiles.reshape(nb, nh, nqb * qbs, nkvb * kvbs)[:, :, :q_len, :kv_len]
+
+
+def partial_tiles(
+    block_mask: BlockMask, kinds: Tensor
+) -> Iterator[tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor]]:
+    """The BlockMask's ``mask_mod`` on its partial blocks, a few million elements at a time.
+
+    Yields ``((b, h, q_block, kv_block), tiles)`` with ``tiles: BoolTensor[N, q_bs, kv_bs]``.
+    """
+    q_len, kv_len = block_mask.seq_lengths
+    qbs, kvbs = block_mask.BLOCK_SIZE
+    bi, hi, qi, ki = (kinds == 1).nonzero(as_tuple=True)
+    step = max(1, 2**24 // (qbs * kvbs))
+    for i in range(0, bi.numel(), step):
+        idx = bi[i : i + step], hi[i : i + step], qi[i : i + step], ki[i : i + step]
+        b, h, qb, kb = idx
+        yield idx, evaluate_tiles(block_mask.mask_mod, b, h, qb * qbs, kb * kvbs,
+                                  qbs, kvbs, q_len, kv_len)  # fmt: skip
 
 
 def block_kinds(block_mask: BlockMask) -> Tensor:
@@ -150,7 +160,3 @@ def _ordered_to_grid(num: Tensor, indices: Tensor, nkvb: int) -> Tensor:
     safe = torch.where(valid, indices.long(), nkvb)  # invalid entries go to a spare column
     grid.scatter_(-1, safe, True)
     return grid[..., :nkvb]
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]

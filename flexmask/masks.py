@@ -131,9 +131,18 @@ class MaskMod:
 
     @property
     def device(self) -> torch.device | None:
-        """The device of the captured tensors, or None when the mask holds none."""
+        """The device of the captured tensors, or None when the mask holds none.
+
+        Raises:
+            ValueError: if the tensors are on several devices.
+        """
         devices = {t.device for t in self.tensors()}
-        return devices.pop() if len(devices) == 1 else None
+        if len(devices) > 1:
+            raise ValueError(
+                f"the mask {self!r} holds tensors on several devices "
+                f"({sorted(map(str, devices))}); move it to one with mask.to(device)."
+            )
+        return devices.pop() if devices else None
 
     def to(self, device: torch.device | str) -> MaskMod:
         """The same mask with its tensors on ``device``."""
@@ -415,6 +424,8 @@ def _lengths(value: Any, call: str, needs: str) -> Tensor:
 
 
 def _fmt_tensor(t: Tensor) -> str:
+    if t.is_meta:  # no values to show
+        return f"tensor(..., shape={tuple(t.shape)}, device='meta')"
     if t.numel() <= 16:
         return f"tensor({t.tolist()})"
     flat = t.flatten().tolist()

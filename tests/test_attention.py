@@ -87,6 +87,15 @@ def test_fully_masked_rows_are_zero_not_nan(x):
         assert p.grad is not None and not p.grad.isnan().any()
 
 
+def test_sdpa_layers_share_one_dense_mask(x):
+    layers = [fm.MultiheadFlexAttention(E, H, backend="sdpa") for _ in range(3)]
+    mask, oracle = masks_and_oracles(19)["causal_padding"]
+    with torch.no_grad():
+        for layer in layers:
+            assert_close(layer(x, mask=mask), golden(layer, x, _dense4(oracle)))
+    assert fm.cache_info()["dense_size"] == 1  # built by the first layer, reused by the others
+
+
 def test_block_mask_input_uses_partial_blocks_exactly(x):
     module = fm.MultiheadFlexAttention(E, H, backend="sdpa")
     mask, oracle = masks_and_oracles(19)["causal_padding"]

@@ -9,34 +9,7 @@ from torch._dynamo.utils import counters
 import flexmask as fm
 from flexmask.convert import block_kinds
 from tests import reference as ref
-from tests.test_masks import CASES
-
-
-def random_expression(q, kv):
-    """(mask, oracle) for random compositions at size (q, kv)."""
-    n = max(q, kv)
-    leaf = st.one_of(
-        st.just((fm.causal(), ref.causal(q, kv))),
-        st.just((fm.full(), ref.full(q, kv))),
-        st.integers(1, n + 1).map(lambda w: (fm.sliding_window(w), ref.sliding_window(q, kv, w))),
-        st.integers(0, n).map(lambda p: (fm.prefix_lm(p), ref.prefix_lm(q, kv, p))),
-        st.integers(1, n + 1).map(lambda c: (fm.chunked(c), ref.chunked(q, kv, c))),
-        st.lists(st.integers(0, min(q, kv)), min_size=2, max_size=2).map(
-            lambda lens: (fm.padding(lens), ref.padding(q, kv, lens))
-        ),
-        st.lists(st.integers(0, 4), min_size=n, max_size=n).map(
-            lambda ids: (fm.document(ids), ref.document(q, kv, ids))
-        ),
-    )
-    return st.recursive(
-        leaf,
-        lambda c: st.one_of(
-            st.tuples(c, c).map(lambda p: (p[0][0] & p[1][0], p[0][1] & p[1][1])),
-            st.tuples(c, c).map(lambda p: (p[0][0] | p[1][0], p[0][1] | p[1][1])),
-            c.map(lambda p: (~p[0], ~p[1])),
-        ),
-        max_leaves=4,
-    )
+from tests.test_masks import CASES, expressions
 
 
 @st.composite
@@ -44,7 +17,7 @@ def problems(draw):
     block = draw(st.sampled_from([16, 32, 64, 128]))
     q = draw(st.integers(1, 4 * block + 3))
     kv = draw(st.integers(1, 4 * block + 3))
-    mask, oracle = draw(random_expression(q, kv))
+    mask, oracle = draw(expressions(q, kv, max_leaves=4))
     return mask, oracle, q, kv, block
 
 

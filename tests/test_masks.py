@@ -121,23 +121,25 @@ def test_docstring_picture(name):
 Q, KV = 23, 29  # odd sizes, q_len != kv_len
 
 
-def leaves():
+def leaves(q, kv):
+    """(mask, oracle) pairs for every factory that builds at any size."""
+    n = max(q, kv)
     return st.one_of(
-        st.just((fm.full(), ref.full(Q, KV))),
-        st.just((fm.causal(), ref.causal(Q, KV))),
-        st.integers(1, 30).map(lambda w: (fm.sliding_window(w), ref.sliding_window(Q, KV, w))),
-        st.integers(0, 30).map(lambda p: (fm.prefix_lm(p), ref.prefix_lm(Q, KV, p))),
-        st.integers(1, 30).map(lambda c: (fm.chunked(c), ref.chunked(Q, KV, c))),
-        st.lists(st.integers(0, KV), min_size=2, max_size=2).map(
-            lambda n: (fm.padding(n), ref.padding(Q, KV, n))
+        st.just((fm.full(), ref.full(q, kv))),
+        st.just((fm.causal(), ref.causal(q, kv))),
+        st.integers(1, n + 1).map(lambda w: (fm.sliding_window(w), ref.sliding_window(q, kv, w))),
+        st.integers(0, n).map(lambda p: (fm.prefix_lm(p), ref.prefix_lm(q, kv, p))),
+        st.integers(1, n + 1).map(lambda c: (fm.chunked(c), ref.chunked(q, kv, c))),
+        st.lists(st.integers(0, n), min_size=2, max_size=2).map(
+            lambda lens: (fm.padding(lens), ref.padding(q, kv, lens))
         ),
-        st.lists(st.integers(0, 3), min_size=KV, max_size=KV).map(
-            lambda ids: (fm.document(sorted(ids)), ref.document(Q, KV, sorted(ids)))
+        st.lists(st.integers(0, 4), min_size=n, max_size=n).map(
+            lambda ids: (fm.document(ids), ref.document(q, kv, ids))
         ),
     )
 
 
-def expressions(leaf=None):
+def expressions(q=Q, kv=KV, max_leaves=5):
     """(mask, oracle) pairs; the oracle is built with tensor &, |, ~ from the leaves' oracles."""
 
     def extend(children):
@@ -147,7 +149,7 @@ def expressions(leaf=None):
             children.map(lambda p: (~p[0], ~p[1])),
         )
 
-    return st.recursive(leaf or leaves(), extend, max_leaves=5)
+    return st.recursive(leaves(q, kv), extend, max_leaves=max_leaves)
 
 
 def dense(mask):
@@ -274,6 +276,9 @@ def test_to_moves_every_tensor():
     moved = mask.to("meta")
     assert {t.device.type for t in moved.tensors()} == {"meta"}
     assert [t.shape for t in moved.tensors()] == [t.shape for t in mask.tensors()]
+    assert repr(moved).startswith("causal() & padding(lengths=tensor(..., shape=(1,)")
+    with pytest.raises(ValueError, match=r"holds tensors on several devices \(\['cpu', 'meta'\]\)"):
+        _ = (mask & fm.padding([1]).to("meta")).device
     assert mask.device == torch.device("cpu")
 
 
