@@ -24,6 +24,7 @@ from .masks import (
     sliding_window,
     tree,
 )
+from .viz import save_block_mask_png, save_grid_png, save_mask_png, save_scores_png, to_ascii
 
 __version__ = "0.1.0"
 
@@ -50,8 +51,13 @@ __all__ = [
     "packed",
     "padding",
     "prefix_lm",
+    "save_block_mask_png",
+    "save_grid_png",
+    "save_mask_png",
+    "save_scores_png",
     "sliding_window",
     "to_additive",
+    "to_ascii",
     "to_dense",
     "tree",
 ]

@@ -9,9 +9,9 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from ._checks import check_count, check_lengths, resolve_batch, resolve_device
-from .masks import MaskModFn, as_mask
+from .masks import MaskModFn, Tiles, as_mask
 
-__all__ = ["block_mask_to_dense", "evaluate_tiles", "to_additive", "to_dense"]
+__all__ = ["block_mask_to_dense", "evaluate_tiles", "tile_counts", "to_additive", "to_dense"]
 
 
 def to_dense(
@@ -106,6 +106,38 @@ def evaluate_tiles(
     inside_q = (q_start[:, None] + q_off) < q_len
     inside_kv = (kv_start[:, None] + kv_off) < kv_len
     return out & inside_q[:, :, None] & inside_kv[:, None, :]
+
+
+def tile_counts(
+    mask: MaskModFn,
+    q_len: int,
+    kv_len: int,
+    size: int,
+    *,
+    b: int = 0,
+    h: int = 0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Allowed pairs in each ``size x size`` tile of batch row ``b``, head ``h``: ``LongTensor[NQ,
+    NK]`` (edge tiles cut at the lengths).
+
+    Tiles the mask's structure decides (``MaskMod.tile_bounds``: all allowed, none allowed) cost
+    nothing; only undecided tiles are evaluated, a few million elements at a time, so a long
+    sparse mask never materialises ``q_len x kv_len``.
+    """
+    m = as_mask(mask).bind(q_len, kv_len)
+    dev = resolve_device(m, device)
+    tiles = Tiles(b, size, q_len, kv_len, dev)
+    all_true, any_true = m.tile_bounds(tiles)
+    counts = torch.where(all_true, tiles.area(), 0)
+    qi, ki = (any_true & ~all_true).nonzero(as_tuple=True)
+    step = max(1, 2**24 // (size * size))
+    for i in range(0, qi.numel(), step):
+        q, k = qi[i : i + step], ki[i : i + step]
+        bh = torch.full_like(q, b), torch.full_like(q, h)
+        values = evaluate_tiles(m, *bh, q * size, k * size, size, size, q_len, kv_len)
+        counts[q, k] = values.sum((1, 2))
+    return counts
 
 
 def block_mask_to_dense(block_mask: BlockMask) -> Tensor:

@@ -204,6 +204,47 @@ class MaskMod:
     def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
         return self
 
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        """What the mask is certain of on each tile, without evaluating it element by element.
+
+        Returns ``(all_true, any_true)``, bool ``[NQ, NK]``: ``all_true`` only where every pair of
+        the tile is allowed, ``~any_true`` only where none is. Both may be conservative (a tile
+        with neither is simply undecided and gets evaluated). Masks must be bound.
+        """
+        shape = (tiles.q0.shape[0], tiles.k0.shape[1])
+        dev = tiles.q0.device
+        return torch.zeros(shape, dtype=torch.bool, device=dev), torch.ones(
+            shape, dtype=torch.bool, device=dev
+        )
+
+
+class Tiles:
+    """A grid of ``size x size`` tiles over ``q_len x kv_len`` for batch row ``b`` (the last row
+    and column of tiles are cut at the lengths). ``q0``/``q1`` (``[NQ, 1]``) and ``k0``/``k1``
+    (``[1, NK]``) are each tile's first and last position, inclusive."""
+
+    def __init__(
+        self, b: int, size: int, q_len: int, kv_len: int, device: torch.device | None = None
+    ) -> None:
+        self.b, self.size, self.q_len, self.kv_len = b, size, q_len, kv_len
+        q0 = torch.arange(0, q_len, size, device=device)
+        k0 = torch.arange(0, kv_len, size, device=device)
+        self.q0, self.q1 = q0[:, None], (q0 + size).clamp(max=q_len)[:, None] - 1
+        self.k0, self.k1 = k0[None, :], (k0 + size).clamp(max=kv_len)[None, :] - 1
+
+    def area(self) -> Tensor:
+        """Pairs in each tile, ``[NQ, NK]``."""
+        return (self.q1 - self.q0 + 1) * (self.k1 - self.k0 + 1)
+
+    def span(self, values: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+        """Per-tile min and max of a per-position tensor along queries (0) or keys (1)."""
+        n = self.q_len if axis == 0 else self.kv_len
+        v = values[:n]
+        pad = (-n) % self.size  # repeat the last value: it changes neither min nor max
+        v = torch.cat([v, v[-1:].expand(pad)]).view(-1, self.size)
+        lo, hi = v.amin(1), v.amax(1)
+        return (lo[:, None], hi[:, None]) if axis == 0 else (lo[None, :], hi[None, :])
+
 
 # --------------------------------------------------------------------------------------------
 # Composition
@@ -305,6 +346,13 @@ class _And(_Composite):
             out = out & part(b, h, q_idx, kv_idx)
         return out
 
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        all_true, any_true = self.parts[0].tile_bounds(tiles)
+        for part in self.parts[1:]:
+            a, n = part.tile_bounds(tiles)
+            all_true, any_true = all_true & a, any_true & n
+        return all_true, any_true
+
 
 class _Or(_Composite):
     op = "|"
@@ -316,6 +364,13 @@ class _Or(_Composite):
             out = out | part(b, h, q_idx, kv_idx)
         return out
 
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        all_true, any_true = self.parts[0].tile_bounds(tiles)
+        for part in self.parts[1:]:
+            a, n = part.tile_bounds(tiles)
+            all_true, any_true = all_true | a, any_true | n
+        return all_true, any_true
+
 
 class _Not(_Composite):
     op = "~"
@@ -323,6 +378,10 @@ class _Not(_Composite):
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return ~self.parts[0](b, h, q_idx, kv_idx)
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        all_true, any_true = self.parts[0].tile_bounds(tiles)
+        return ~any_true, ~all_true
 
     def _expr(self) -> str:
         return "~" + _wrap(self.parts[0], _NOT)
@@ -454,6 +513,10 @@ class _Full(MaskMod):
     def _key(self) -> tuple[Any, ...]:
         return ()
 
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        true = torch.ones_like(tiles.q0 + tiles.k0, dtype=torch.bool)
+        return true, true
+
 
 def full() -> MaskMod:
     """Every query sees every key (bidirectional attention).
@@ -484,6 +547,9 @@ class _Causal(MaskMod):
 
     def _key(self) -> tuple[Any, ...]:
         return ()
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        return tiles.k1 <= tiles.q0, tiles.k0 <= tiles.q1
 
 
 def causal() -> MaskMod:
@@ -516,6 +582,10 @@ class _SlidingWindow(MaskMod):
 
     def _key(self) -> tuple[Any, ...]:
         return (self.window,)
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        t, w = tiles, self.window
+        return (t.k1 <= t.q0) & (t.q1 - t.k0 < w), (t.k0 <= t.q1) & (t.q0 - t.k1 < w)
 
 
 def sliding_window(window: int) -> MaskMod:
@@ -571,6 +641,11 @@ class _PrefixLM(MaskMod):
     def _moved(self, device: torch.device) -> MaskMod:
         p = self.prefix_len
         return _PrefixLM(p.to(device)) if isinstance(p, Tensor) else self
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        t, p = tiles, self.prefix_len
+        prefix = int(_index(p, torch.tensor(t.b))) if isinstance(p, Tensor) else p
+        return (t.k1 < prefix) | (t.k1 <= t.q0), (t.k0 < prefix) | (t.k0 <= t.q1)
 
 
 def prefix_lm(prefix_len: int | Tensor | Sequence[int]) -> MaskMod:
@@ -654,6 +729,16 @@ class _Padding(MaskMod):
             return self
         return _Padding(self.lengths, "left", kv_len - self.lengths)
 
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        t = tiles
+        if self.side == "right":
+            n = int(self.lengths[t.b])
+            return (t.q1 < n) & (t.k1 < n), (t.q0 < n) & (t.k0 < n)
+        if self.start is None:
+            return super().tile_bounds(tiles)  # unbound: __call__ says how to fix it
+        s = int(self.start[t.b])
+        return (t.q0 >= s) & (t.k0 >= s), (t.q1 >= s) & (t.k1 >= s)
+
 
 def padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod:
     """Hide padding: a pair may attend only when both the query and the key are real tokens.
@@ -725,6 +810,13 @@ class _Document(MaskMod):
                 f"({max(q_len, kv_len)} in all), with padding as a document of its own."
             )
         return self
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        ids = self.doc_ids if self.doc_ids.dim() == 1 else self.doc_ids[tiles.b]
+        q_lo, q_hi = tiles.span(ids, 0)
+        k_lo, k_hi = tiles.span(ids, 1)
+        one_doc = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+        return one_doc, (q_lo <= k_hi) & (k_lo <= q_hi)  # id ranges that do not meet share none
 
 
 def document(doc_ids: Tensor | Sequence[int]) -> MaskMod:
@@ -800,6 +892,11 @@ class _Chunked(MaskMod):
     def _key(self) -> tuple[Any, ...]:
         return (self.chunk,)
 
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        t, c = tiles, self.chunk
+        one_chunk = (t.q0 // c == t.q1 // c) & (t.k0 // c == t.k1 // c) & (t.q0 // c == t.k0 // c)
+        return one_chunk, (t.q0 // c <= t.k1 // c) & (t.k0 // c <= t.q1 // c)
+
 
 def chunked(chunk: int) -> MaskMod:
     """Same chunk only: the sequence is cut into chunks of ``chunk`` tokens (Llama 4 local layers).
@@ -864,6 +961,12 @@ class _Tree(MaskMod):
                 f"q_len={q_len}, kv_len={kv_len}; build it for {n} tokens."
             )
         return self
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        # Every allowed pair has kv <= q. Context keys are certain for a query once it is past
+        # them, and for every tree query.
+        t, ctx = tiles, self.context_len
+        return (t.k1 < ctx) & ((t.k1 <= t.q0) | (t.q0 >= ctx)), t.k0 <= t.q1
 
 
 def tree(parents: Tensor | Sequence[int], context_len: int = 0) -> MaskMod:

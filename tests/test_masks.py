@@ -94,26 +94,35 @@ def test_unbound_left_padding_says_how_to_fix():
         create_mask(fm.padding([2], side="left"), 1, 1, 4, 4, "cpu")
 
 
-# -- the pictures in the docstrings ---------------------------------------------------------
+# -- the pictures in the docstrings: drawn by to_ascii, which is checked against the oracle --
 
-PICTURES = {
-    "full": ref.full(4, 4),
-    "causal": ref.causal(4, 4),
-    "sliding_window": ref.sliding_window(5, 5, 3),
-    "prefix_lm": ref.prefix_lm(4, 4, 2),
-    "padding": ref.padding(4, 4, [3]),
-    "document": ref.document(4, 4, [0, 0, 1, 1]),
-    "packed": ref.packed(4, 4, [1, 3]),
-    "chunked": ref.chunked(5, 5, 2),
-    "tree": ref.tree(5, 5, [-1, 0, 0, 1], context_len=1),
+PICTURES = {  # name: (mask, tokens, oracle)
+    "full": (fm.full(), 4, ref.full(4, 4)),
+    "causal": (fm.causal(), 4, ref.causal(4, 4)),
+    "sliding_window": (fm.sliding_window(3), 5, ref.sliding_window(5, 5, 3)),
+    "prefix_lm": (fm.prefix_lm(2), 4, ref.prefix_lm(4, 4, 2)),
+    "padding": (fm.padding([3]), 4, ref.padding(4, 4, [3])),
+    "document": (fm.document([0, 0, 1, 1]), 4, ref.document(4, 4, [0, 0, 1, 1])),
+    "packed": (fm.packed([1, 3]), 4, ref.packed(4, 4, [1, 3])),
+    "chunked": (fm.chunked(2), 5, ref.chunked(5, 5, 2)),
+    "tree": (fm.tree([-1, 0, 0, 1], context_len=1), 5, ref.tree(5, 5, [-1, 0, 0, 1], 1)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(PICTURES))
 def test_docstring_picture(name):
+    mask, n, oracle = PICTURES[name]
+    drawn = fm.to_ascii(mask, n)
+    assert drawn == ref.render(oracle[0])
     doc = getattr(fm, name).__doc__
     rows = [line.strip() for line in doc.splitlines() if re.fullmatch(r"\s*[■⬚][■⬚ ]*", line)]
-    assert "\n".join(rows) == ref.render(PICTURES[name][0])
+    assert "\n".join(rows) == drawn
+
+
+def test_every_factory_has_a_picture():
+    factories = {"full", "causal", "sliding_window", "prefix_lm", "padding", "document"}
+    factories |= {"packed", "chunked", "tree"}
+    assert set(PICTURES) == factories
 
 
 # -- algebra --------------------------------------------------------------------------------
@@ -136,7 +145,19 @@ def leaves(q, kv):
         st.lists(st.integers(0, 4), min_size=n, max_size=n).map(
             lambda ids: (fm.document(ids), ref.document(q, kv, ids))
         ),
+        st.lists(st.integers(0, kv), min_size=2, max_size=2).map(
+            lambda lens: (fm.padding(lens, side="left"), ref.padding(q, kv, lens, side="left"))
+        ),
+        trees(n).map(lambda t: (fm.tree(t[0], t[1]), ref.tree(q, kv, t[0], t[1]))),
     )
+
+
+@st.composite
+def trees(draw, n):
+    """(parents, context_len) of a random tree after a context, n positions in all."""
+    context_len = draw(st.integers(0, n - 1))
+    parents = [draw(st.integers(-1, i - 1)) for i in range(n - context_len)]
+    return parents, context_len
 
 
 def expressions(q=Q, kv=KV, max_leaves=5):
