@@ -259,8 +259,8 @@ def save_block_mask_png(
             "draw a mask with flexmask.save_mask_png."
         )
     nb, nh = block_mask.kv_num_blocks.shape[:2]
-    b = _index_arg(batch, nb, "save_block_mask_png(batch=...)", "batch rows")
-    h = _index_arg(head, nh, "save_block_mask_png(head=...)", "heads")
+    b = _index_arg(batch, nb, "save_block_mask_png(batch=...)", "batch rows", shared=True)
+    h = _index_arg(head, nh, "save_block_mask_png(head=...)", "heads", shared=True)
     kinds = block_kinds(block_mask)[b, h].cpu()
     q_len, kv_len = block_mask.seq_lengths
     qbs, kvbs = block_mask.BLOCK_SIZE
@@ -427,20 +427,17 @@ def _mask_args(
 ) -> tuple[MaskMod, int]:
     m = as_mask(mask, name=f"{fn}(mask)")
     kv = check_lengths(q_len, kv_len)
-    rows = m.batch_size
-    if rows is None:
-        _index_arg(batch, 1 << 62, f"{fn}(batch=...)", "batch rows")
-    else:
-        _index_arg(batch, rows, f"{fn}(batch=...)", "batch rows")
-    _index_arg(head, 1 << 62, f"{fn}(head=...)", "heads")
+    anything = 1 << 62  # a mask without per-batch tensors is the same for every row and head
+    _index_arg(batch, m.batch_size or anything, f"{fn}(batch=...)", "batch rows")
+    _index_arg(head, anything, f"{fn}(head=...)", "heads")
     return m, kv
 
 
-def _index_arg(value: object, n: int, name: str, what: str) -> int:
-    """A row/head index in ``[0, n)``; a size-1 dimension is shared by every index."""
+def _index_arg(value: object, n: int, name: str, what: str, shared: bool = False) -> int:
+    """A row/head index in ``[0, n)``; with ``shared``, a size-1 dimension serves every index."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
-    if n == 1:
+    if shared and n == 1:
         return 0
     if value >= n:
         raise ValueError(f"{name} is {value} but there are only {n} {what} (0..{n - 1}).")

@@ -1,0 +1,109 @@
+"""The ``flexmask`` command: ``render``, ``describe`` and ``list`` masks written as expressions.
+
+Exit status 0 on success, 2 for bad arguments or a bad expression (a message on stderr, no
+traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections.abc import Sequence
+
+from .block import check, describe
+from .expr import FACTORIES, parse_mask
+from .viz import save_mask_png
+
+EAGER_LIMIT = 2**24  # (q, kv) pairs up to which describe builds its BlockMask eagerly
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)  # exits with status 2 on bad arguments
+    try:
+        args.run(args)
+    except (ValueError, TypeError) as err:
+        print(f"flexmask {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexmask",
+        description="Draw and describe attention masks written as flexmask expressions.",
+        epilog="EXPR is what repr(mask) prints, e.g. "
+        '"(sliding_window(256) | prefix_lm(64)) & padding(lengths=[900, 4096])"; '
+        "`flexmask list` shows the factories.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    render = sub.add_parser("render", help="write a PNG of a mask with its BlockMask blocks")
+    _problem_args(render)
+    render.add_argument("--batch", type=int, default=0, help="batch row to draw (default 0)")
+    render.add_argument("--head", type=int, default=0, help="head to draw (default 0)")
+    render.add_argument("--no-blocks", action="store_true", help="leave out the block overlay")
+    render.add_argument("--title", help="picture title (default: the expression)")
+    render.add_argument("-o", "--output", required=True, help="the PNG file to write")
+    render.set_defaults(run=_render)
+
+    desc = sub.add_parser("describe", help="print densities, block counts, memory and problems")
+    _problem_args(desc)
+    desc.set_defaults(run=_describe)
+
+    listing = sub.add_parser("list", help="print every factory with its meaning")
+    listing.set_defaults(run=_list)
+    return parser
+
+
+def _problem_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("expr", metavar="EXPR", help="the mask, e.g. 'causal() & padding([900, 4096])'")
+    p.add_argument("--q-len", type=int, required=True, help="number of queries")
+    p.add_argument("--kv-len", type=int, help="number of keys (default: --q-len)")
+    p.add_argument("--block-size", type=int, default=128, help="BlockMask block size (128)")
+
+
+def _render(args: argparse.Namespace) -> None:
+    mask = parse_mask(args.expr)
+    out = save_mask_png(mask, args.output, args.q_len, args.kv_len, batch=args.batch,
+                        head=args.head, block_size=args.block_size,
+                        show_blocks=not args.no_blocks, title=args.title)  # fmt: skip
+    print(out)
+
+
+def _describe(args: argparse.Namespace) -> None:
+    mask = parse_mask(args.expr)
+    kv_len = args.kv_len or args.q_len
+    # Eager building materialises q x kv; past a few million pairs the compiled builder is faster.
+    compile = isinstance(args.q_len, int) and args.q_len * kv_len > EAGER_LIMIT
+    kw = {"block_size": args.block_size, "device": "cpu", "compile": compile}
+    print(describe(mask, args.q_len, args.kv_len, **kw))
+    problems = check(mask, args.q_len, args.kv_len, **kw)
+    if not problems:
+        print("check: no problems found")
+    for problem in problems:
+        print(f"check: {problem}")
+
+
+def _list(args: argparse.Namespace) -> None:
+    rows = [(_call(name, f), _summary(f)) for name, f in FACTORIES.items()]
+    width = max(len(sig) for sig, _ in rows)
+    for sig, summary in rows:
+        print(f"{sig:<{width}}  {summary}")
+
+
+def _call(name: str, f: object) -> str:
+    """``padding(lengths, side='right')``: the call without annotations."""
+    params = inspect.signature(f).parameters.values()  # type: ignore[arg-type]
+    shown = [p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params]
+    return f"{name}({', '.join(shown)})"
+
+
+def _summary(f: object) -> str:
+    doc = inspect.getdoc(f) or ""
+    return doc.splitlines()[0].replace("``", "") if doc else ""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

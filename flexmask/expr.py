@@ -1,0 +1,185 @@
+"""Mask expressions from text, the language ``repr`` prints: ``causal() & padding(lengths=[9, 5])``.
+
+The text is parsed with ``ast`` and walked against a whitelist: factory calls, numbers, lists,
+``tensor([...])``, keyword arguments, ``&``, ``|``, ``~`` and parentheses, plus the strings a
+factory takes as a choice (``side='left'``). Nothing is ever evaluated: any other node is refused
+with a ``ValueError`` that points at it.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .masks import (
+    MaskMod,
+    causal,
+    chunked,
+    document,
+    full,
+    packed,
+    padding,
+    prefix_lm,
+    sliding_window,
+    tree,
+)
+
+__all__ = ["FACTORIES", "parse_mask"]
+
+FACTORIES: dict[str, Callable[..., MaskMod]] = {
+    f.__name__: f
+    for f in (full, causal, sliding_window, prefix_lm, padding, document, packed, chunked, tree)
+}
+CHOICES = {("padding", "side"): ("right", "left")}  # the only places a string may appear
+MAX_CHARS = 100_000
+
+_REFUSED = {  # what to call a node we refuse, for the error message
+    ast.Attribute: "attribute access",
+    ast.Subscript: "indexing",
+    ast.Lambda: "a lambda",
+    ast.ListComp: "a comprehension",
+    ast.SetComp: "a comprehension",
+    ast.DictComp: "a comprehension",
+    ast.GeneratorExp: "a generator",
+    ast.Dict: "a dict",
+    ast.Set: "a set",
+    ast.JoinedStr: "an f-string",
+    ast.Compare: "a comparison",
+    ast.BoolOp: "'and'/'or' (use & and |)",
+    ast.IfExp: "a conditional expression",
+    ast.NamedExpr: "an assignment",
+    ast.Starred: "argument unpacking",
+    ast.Await: "await",
+    ast.Yield: "yield",
+}
+
+
+def parse_mask(text: str) -> MaskMod:
+    """Build the mask an expression describes, without evaluating anything.
+
+    Example:
+        >>> from flexmask.expr import parse_mask
+        >>> parse_mask("(sliding_window(256) | prefix_lm(64)) & padding(lengths=[900, 4096])")
+        (sliding_window(256) | prefix_lm(64)) & padding(lengths=tensor([900, 4096]))
+
+    Raises:
+        TypeError: if ``text`` is not a string.
+        ValueError: for anything but a mask expression, pointing at the offending part.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"parse_mask(text=...) needs a str, got {type(text).__name__}.")
+    if len(text) > MAX_CHARS:
+        raise ValueError(f"mask expression is {len(text)} characters long, at most {MAX_CHARS}.")
+    try:
+        body = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError as err:
+        line = (err.text or text).rstrip("\n")
+        where = _pointer(line, err.offset or 1, err.end_offset, chars=True)
+        raise ValueError(f"not a mask expression ({err.msg}):\n{where}") from None
+    except (ValueError, RecursionError, MemoryError) as err:  # null bytes, absurd nesting
+        raise ValueError(f"not a mask expression ({type(err).__name__}: {err}).") from None
+    try:
+        return _Walker(text.strip()).mask(body)
+    except RecursionError:
+        raise ValueError("mask expression is nested too deeply.") from None
+
+
+class _Walker:
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+
+    def error(self, node: ast.AST, message: str) -> ValueError:
+        line = self.lines[node.lineno - 1]  # type: ignore[attr-defined]
+        end = node.end_col_offset if node.end_lineno == node.lineno else None  # type: ignore[attr-defined]
+        where = _pointer(line, node.col_offset + 1, end and end + 1)  # type: ignore[attr-defined]
+        return ValueError(f"{message}:\n{where}")
+
+    def refuse(self, node: ast.AST, expected: str) -> ValueError:
+        if isinstance(node, ast.Name):
+            if node.id.startswith("__"):
+                return self.error(node, f"dunder names such as {node.id!r} are not allowed")
+            return self.error(
+                node, f"unknown name {node.id!r}: {expected} (factories: {', '.join(FACTORIES)})"
+            )
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return self.error(node, f"a string is not allowed here: {expected}")
+        what = next((v for k, v in _REFUSED.items() if isinstance(node, k)), None)
+        what = what or f"{type(node).__name__} nodes"
+        return self.error(node, f"{what} is not allowed in a mask expression: {expected}")
+
+    # -- masks --------------------------------------------------------------------------------
+    def mask(self, node: ast.expr) -> MaskMod:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)):
+            left, right = self.mask(node.left), self.mask(node.right)
+            return left & right if isinstance(node.op, ast.BitAnd) else left | right
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Invert):
+            return ~self.mask(node.operand)
+        if isinstance(node, ast.Call):
+            return self.call(node)
+        if isinstance(node, (ast.BinOp, ast.UnaryOp)):
+            op = type(node.op).__name__
+            raise self.error(node, f"operator {op} is not allowed: masks combine with &, | and ~")
+        raise self.refuse(node, "expected a mask, e.g. causal() or masks joined by &, |, ~")
+
+    def call(self, node: ast.Call) -> MaskMod:
+        func = node.func
+        if not isinstance(func, ast.Name) or func.id not in FACTORIES:
+            raise self.refuse(func, "only flexmask factories may be called")
+        name = func.id
+        args = [self.value(a, name, None) for a in node.args]
+        kwargs = {}
+        for kw in node.keywords:
+            if kw.arg is None:
+                raise self.error(kw.value, "keyword unpacking (**) is not allowed")
+            kwargs[kw.arg] = self.value(kw.value, name, kw.arg)
+        try:
+            return FACTORIES[name](*args, **kwargs)
+        except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+            raise self.error(
+                node, f"{name}(...) refused its arguments: {str(err).rstrip('.')}"
+            ) from None
+
+    # -- values -------------------------------------------------------------------------------
+    def value(self, node: ast.expr, factory: str, keyword: str | None) -> Any:
+        if isinstance(node, ast.Constant):
+            v = node.value
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return v
+            if isinstance(v, str) and v in CHOICES.get((factory, keyword or ""), ()):
+                return v
+            if isinstance(v, str) and (factory, keyword or "") in CHOICES:
+                choices = " or ".join(map(repr, CHOICES[(factory, keyword or "")]))
+                raise self.error(node, f"{factory}({keyword}=...) must be {choices}")
+        if (
+            isinstance(node, ast.UnaryOp)
+            and isinstance(node.op, (ast.USub, ast.UAdd))
+            and isinstance(node.operand, ast.Constant)
+            and type(node.operand.value) in (int, float)
+        ):
+            v = node.operand.value
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [self.value(e, factory, keyword) for e in node.elts]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id == "tensor" and len(node.args) == 1 and not node.keywords:
+                data = self.value(node.args[0], factory, keyword)
+                try:
+                    return torch.tensor(data)
+                except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+                    raise self.error(
+                        node, f"tensor(...) refused its data: {str(err).rstrip('.')}"
+                    ) from None
+        raise self.refuse(node, "arguments are numbers, lists of numbers or tensor([...])")
+
+
+def _pointer(line: str, start: int, end: int | None, chars: bool = False) -> str:
+    """The line with ``^^^`` under columns ``[start, end)`` (1-based; ast gives UTF-8 bytes)."""
+    if not chars:  # byte offsets to character offsets
+        raw = line.encode()
+        start = len(raw[: start - 1].decode(errors="ignore")) + 1
+        end = None if end is None else len(raw[: end - 1].decode(errors="ignore")) + 1
+    width = max(1, (end or start + 1) - start)
+    return f"  {line}\n  {' ' * (start - 1)}{'^' * width}"
