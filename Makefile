@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all lint format typecheck nb demo check clean
+.PHONY: install figures figures-check test test-slow test-all lint format typecheck nb demo bench-viz check clean
 
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels on a CPU machine.
 $(STAMP): pyproject.toml
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+figures: $(STAMP)  ## the main job: every picture the README shows, written into figures/
+	$(PY) figures/make_figures.py
+
+figures-check: $(STAMP)  ## fail when a committed figure differs from a fresh one
+	$(PY) figures/make_figures.py --check
 
 test: $(STAMP)  ## the fast suite: no torch.compile
 	$(PY) -m pytest
@@ -26,12 +32,12 @@ test-all: $(STAMP)  ## everything but the GPU tests
 	$(PY) -m pytest -m "not gpu"
 
 lint: $(STAMP)
-	$(PY) -m ruff check flexmask tests benchmarks
-	$(PY) -m ruff format --check flexmask tests benchmarks
+	$(PY) -m ruff check flexmask tests benchmarks figures
+	$(PY) -m ruff format --check flexmask tests benchmarks figures
 
 format: $(STAMP)
-	$(PY) -m ruff format flexmask tests benchmarks
-	$(PY) -m ruff check --fix flexmask tests benchmarks
+	$(PY) -m ruff format flexmask tests benchmarks figures
+	$(PY) -m ruff check --fix flexmask tests benchmarks figures
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
@@ -39,10 +45,13 @@ typecheck: $(STAMP)
 nb: $(STAMP)  ## run the notebooks (committed without outputs)
 	$(PY) -m pytest -p no:cacheprovider -o addopts="" --nbmake notebooks
 
-demo: $(STAMP)  ## the main job for now: every factory's BlockMask described, the module on a padded batch
+demo: $(STAMP)  ## every factory's BlockMask described at 4096 tokens, the module on a padded batch
 	$(PY) benchmarks/demo.py
 
-check: lint typecheck test-all nb
+bench-viz: $(STAMP)  ## time and peak memory of drawing 16k-131k token masks
+	$(PY) benchmarks/viz_large.py
+
+check: lint typecheck test-all nb figures-check
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

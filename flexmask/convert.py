@@ -127,17 +127,23 @@ def tile_counts(
     """
     m = as_mask(mask).bind(q_len, kv_len)
     dev = resolve_device(m, device)
-    tiles = Tiles(b, size, q_len, kv_len, dev)
-    all_true, any_true = m.tile_bounds(tiles)
-    counts = torch.where(all_true, tiles.area(), 0)
-    qi, ki = (any_true & ~all_true).nonzero(as_tuple=True)
-    step = max(1, 2**24 // (size * size))
-    for i in range(0, qi.numel(), step):
-        q, k = qi[i : i + step], ki[i : i + step]
-        bh = torch.full_like(q, b), torch.full_like(q, h)
-        values = evaluate_tiles(m, *bh, q * size, k * size, size, size, q_len, kv_len)
-        counts[q, k] = values.sum((1, 2))
-    return counts
+    nkv = -(-kv_len // size)
+    band = size * max(1, 2**18 // nkv)  # a few hundred thousand tiles at a time
+    rows = []
+    for q_from in range(0, q_len, band):
+        tiles = Tiles(b, size, q_len, kv_len, dev, q_from, q_from + band)
+        all_true, any_true = m.tile_bounds(tiles)
+        counts = torch.where(all_true, tiles.area(), 0)
+        qi, ki = (any_true & ~all_true).nonzero(as_tuple=True)
+        step = max(1, 2**21 // (size * size))
+        for i in range(0, qi.numel(), step):
+            q, k = qi[i : i + step], ki[i : i + step]
+            bh = torch.full_like(q, b), torch.full_like(q, h)
+            starts = q * size + q_from, k * size
+            values = evaluate_tiles(m, *bh, *starts, size, size, q_len, kv_len)
+            counts[q, k] = values.sum((1, 2))
+        rows.append(counts)
+    return torch.cat(rows)
 
 
 def block_mask_to_dense(block_mask: BlockMask) -> Tensor:

@@ -148,30 +148,35 @@ class _Walker:
             v = node.value
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 return v
-            if isinstance(v, str) and v in CHOICES.get((factory, keyword or ""), ()):
-                return v
-            if isinstance(v, str) and (factory, keyword or "") in CHOICES:
-                choices = " or ".join(map(repr, CHOICES[(factory, keyword or "")]))
-                raise self.error(node, f"{factory}({keyword}=...) must be {choices}")
+            choices = CHOICES.get((factory, keyword or ""))
+            if isinstance(v, str) and choices:
+                if v in choices:
+                    return v
+                raise self.error(node, f"{factory}({keyword}=...) must be " + " or ".join(
+                    map(repr, choices)))  # fmt: skip
         if (
             isinstance(node, ast.UnaryOp)
             and isinstance(node.op, (ast.USub, ast.UAdd))
             and isinstance(node.operand, ast.Constant)
             and type(node.operand.value) in (int, float)
         ):
-            v = node.operand.value
-            return -v if isinstance(node.op, ast.USub) else v
+            number: float = node.operand.value  # type: ignore[assignment]
+            return -number if isinstance(node.op, ast.USub) else number
         if isinstance(node, (ast.List, ast.Tuple)):
             return [self.value(e, factory, keyword) for e in node.elts]
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            if node.func.id == "tensor" and len(node.args) == 1 and not node.keywords:
-                data = self.value(node.args[0], factory, keyword)
-                try:
-                    return torch.tensor(data)
-                except (TypeError, ValueError, OverflowError, RuntimeError) as err:
-                    raise self.error(
-                        node, f"tensor(...) refused its data: {str(err).rstrip('.')}"
-                    ) from None
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "tensor"
+            and len(node.args) == 1
+            and not node.keywords
+        ):
+            data = self.value(node.args[0], factory, keyword)
+            try:
+                return torch.tensor(data)
+            except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+                reason = str(err).rstrip(".")
+                raise self.error(node, f"tensor(...) refused its data: {reason}") from None
         raise self.refuse(node, "arguments are numbers, lists of numbers or tensor([...])")
 
 

@@ -544,18 +544,13 @@ def _pixel_kinds(pic: MaskPicture) -> Tensor:
 def _draw_mask(ax: Axes, pic: MaskPicture, show_blocks: bool, small: bool = False) -> None:
     rows, cols = pic.fraction.shape
     if show_blocks:
-        table = torch.tensor([[_rgb(c) for c in BY_BLOCK[k]] for k in (0, 1, 2)])  # [kind, 2, 3]
-        pair = table[_pixel_kinds(pic).long()]  # [rows, cols, 2, 3]
-        low, high = pair[..., 0, :], pair[..., 1, :]
+        kinds = _pixel_kinds(pic).long()
+        low, high = (torch.tensor([_rgb(BY_BLOCK[k][i]) for k in (0, 1, 2)])[kinds] for i in (0, 1))
     else:
         low, high = (torch.tensor(_rgb(c)) for c in PLAIN)
-    image = low + pic.fraction[..., None] * (high - low)
-    ax.imshow(
-        image.clamp(0, 1).numpy(),
-        aspect="auto",
-        interpolation="antialiased",
-        extent=(0, cols * pic.pixel, rows * pic.pixel, 0),
-    )
+    image = (low + pic.fraction[..., None] * (high - low)).mul_(255).round_().to(torch.uint8)
+    ax.imshow(image.numpy(), aspect="auto", interpolation="antialiased",
+              extent=(0, cols * pic.pixel, rows * pic.pixel, 0))  # fmt: skip
     if show_blocks:
         nqb, nkvb = pic.kinds.shape
         _grid(ax, nqb, nkvb, pic.block_size, pic.block_size)
@@ -628,6 +623,7 @@ def _write(fig: Figure, target: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", metadata={"Software": None})
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a picture is for sharing
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
