@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import flexmask as fm
 from flexmask.convert import tile_counts
 from flexmask.masks import Tiles
-from flexmask.viz import _weights, mask_picture
+from flexmask.viz import mask_picture, score_weights
 from tests import reference as ref
 from tests.test_masks import expressions
 
@@ -108,7 +108,7 @@ def test_score_weights_match_a_float64_softmax_and_mark_masked_pairs():
     q, k, _ = attn.project(torch.randn(2, 12, 32))
     mask = fm.causal() & fm.padding([12, 7])
     oracle = (ref.causal(12, 12) & ref.padding(12, 12, [12, 7]))[1]
-    weights, allowed, expr = _weights(q, k, mask, 1, 3, None)
+    weights, allowed, expr = score_weights(q, k, mask, 1, 3, None)
     assert torch.equal(allowed, oracle)
     assert expr == repr(mask)
     scores = q[1, 3].double() @ k[1, 1].double().T / 8**0.5  # head 3 reads kv head 3 // 2
@@ -116,7 +116,7 @@ def test_score_weights_match_a_float64_softmax_and_mark_masked_pairs():
     assert torch.allclose(weights, want.detach())
     assert torch.equal(weights.sum(-1) > 0.5, oracle.any(-1))  # pad rows: no weight, no NaN
     bm = fm.block_mask(mask, 12, block_size=16, device="cpu", compile=False)
-    assert torch.equal(_weights(q, k, bm, 1, 3, None)[1], oracle)
+    assert torch.equal(score_weights(q, k, bm, 1, 3, None)[1], oracle)
 
 
 # -- the PNG writers ----------------------------------------------------------------------------

@@ -1,22 +1,16 @@
-"""Pictures of masks, BlockMasks and attention score maps, written as deterministic PNGs.
+"""PNG writers for masks, BlockMasks, score maps and grids (matplotlib, the ``viz`` extra).
 
-Masks are drawn from per-tile counts of allowed pairs (``convert.tile_counts``): the mask's
-structure decides most tiles outright and only the rest are evaluated, so a 131072-token mask
-is drawn without ever holding a ``q_len x kv_len`` tensor. Up to ``MAX_PIXELS`` tokens per side
-every token is one pixel; past that a pixel shows the fraction of allowed pairs in its tile.
-
-matplotlib (the ``viz`` extra) is imported only when a picture is drawn; ``to_ascii`` needs
-nothing but torch.
+matplotlib is imported only when a picture is drawn, into a bare ``Figure`` (no pyplot state). Every
+writer takes an explicit path, creates parent folders, writes atomically and leaves out time and
+version stamps, so the same picture is the same bytes.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,19 +18,17 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_block_size, check_lengths
-from .convert import block_kinds, block_mask_to_dense, evaluate_tiles, tile_counts
-from .masks import MaskMod, MaskModFn, as_mask
+from ..convert import block_kinds
+from ..masks import MaskMod, MaskModFn, as_mask
+from .picture import MaskPicture, check_index, mask_picture, pixel_kinds, score_weights
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["save_block_mask_png", "save_grid_png", "save_mask_png", "save_scores_png", "to_ascii"]
+__all__ = ["save_block_mask_png", "save_grid_png", "save_mask_png", "save_scores_png"]
 
-MAX_PIXELS = 1024  # tokens per side drawn one per pixel; longer masks are drawn per tile
 MAX_LABELLED = 64  # tokens per side up to which every token is labelled on the axes
-MAX_ASCII = 256  # tokens per side up to which to_ascii draws
 
 # Colours: (masked, may attend) pairs. With blocks shown, an element takes its block's pair, so the
 # picture also shows what flex computes and discards (masked pairs in partial blocks).
@@ -57,129 +49,6 @@ LEGEND = {
     ],
 }
 SCORE_MASKED = "#d0d0d0"
-
-
-# --------------------------------------------------------------------------------------------
-# Text
-# --------------------------------------------------------------------------------------------
-
-
-def to_ascii(
-    mask: MaskModFn, q_len: int, kv_len: int | None = None, *, batch: int = 0, head: int = 0
-) -> str:
-    """The ■/⬚ drawing of a mask used in the docstrings: one line per query, ■ = may attend.
-
-    Example:
-        >>> import flexmask as fm
-        >>> print(fm.to_ascii(fm.sliding_window(2), 3))
-        ■ ⬚ ⬚
-        ■ ■ ⬚
-        ⬚ ■ ■
-    """
-    m, kv_len = _mask_args("to_ascii", mask, q_len, kv_len, batch, head)
-    if max(q_len, kv_len) > MAX_ASCII:
-        raise ValueError(
-            f"to_ascii draws up to {MAX_ASCII} tokens per side, got q_len={q_len}, "
-            f"kv_len={kv_len}; draw longer masks with flexmask.save_mask_png."
-        )
-    rows = _dense_row(m, q_len, kv_len, batch, head).tolist()
-    return "\n".join(" ".join("■" if x else "⬚" for x in row) for row in rows)
-
-
-def _dense_row(m: MaskMod, q_len: int, kv_len: int, b: int, h: int) -> Tensor:
-    """``BoolTensor[q_len, kv_len]`` of batch row ``b``, head ``h`` (small masks only)."""
-    bound = m.bind(q_len, kv_len)
-    dev = m.device or torch.device("cpu")
-    idx = torch.tensor([b], device=dev), torch.tensor([h], device=dev)
-    zero = torch.zeros(1, dtype=torch.long, device=dev)
-    return evaluate_tiles(bound, *idx, zero, zero, q_len, kv_len, q_len, kv_len)[0].cpu()
-
-
-# --------------------------------------------------------------------------------------------
-# What a mask picture shows
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MaskPicture:
-    """A mask reduced to what its picture shows (batch row ``b``, head ``h``)."""
-
-    fraction: Tensor  # [rows, cols] float: allowed share of each pixel's tile (0/1 per token)
-    pixel: int  # tokens per pixel side
-    kinds: Tensor  # int8 [QB, KVB]: 0 empty, 1 partial, 2 full, as create_block_mask classifies
-    block_size: int
-    q_len: int
-    kv_len: int
-    allowed: int  # allowed (q, kv) pairs
-
-    @property
-    def element_density(self) -> float:
-        return self.allowed / (self.q_len * self.kv_len)
-
-    def caption(self) -> str:
-        full, partial, empty = (int((self.kinds == k).sum()) for k in (2, 1, 0))
-        visited = (full + partial) / self.kinds.numel()
-        bs = self.block_size
-        return (
-            f"element density {self.element_density:.1%}   ·   {bs}x{bs} blocks: "
-            f"{visited:.1%} visited ({full} full, {partial} partial, {empty} empty)"
-        )
-
-
-def mask_picture(
-    mask: MaskModFn,
-    q_len: int,
-    kv_len: int | None = None,
-    *,
-    batch: int = 0,
-    head: int = 0,
-    block_size: int = 128,
-    max_pixels: int = MAX_PIXELS,
-) -> MaskPicture:
-    """Per-pixel allowed fractions and per-block kinds of one (batch, head) of ``mask``."""
-    m, kv_len = _mask_args("mask_picture", mask, q_len, kv_len, batch, head)
-    block_size = check_block_size(block_size)
-    # Blocks and pixels both pool from the same exact counts on `unit x unit` tiles.
-    want = math.ceil(max(q_len, kv_len) / max_pixels)  # tokens per pixel side, at least
-    if want <= block_size:  # count on pixels that divide the block...
-        unit = pixel = min(d for d in range(want, block_size + 1) if block_size % d == 0)
-    else:  # ...or on blocks, pooled into pixels of whole blocks
-        unit, pixel = block_size, block_size * math.ceil(want / block_size)
-    counts = tile_counts(m, q_len, kv_len, unit, b=batch, h=head, device=m.device or "cpu").cpu()
-    area = _area(q_len, kv_len, unit)
-    block_counts = _pool(counts, block_size // unit)
-    kinds = torch.where(block_counts == block_size**2, 2, (block_counts > 0).long())
-    fraction = _pool(counts, pixel // unit) / _pool(area, pixel // unit)
-    return MaskPicture(
-        fraction=fraction.float(),
-        pixel=pixel,
-        kinds=kinds.to(torch.int8),
-        block_size=block_size,
-        q_len=q_len,
-        kv_len=kv_len,
-        allowed=int(counts.sum()),
-    )
-
-
-def _area(q_len: int, kv_len: int, unit: int) -> Tensor:
-    rows = (q_len - torch.arange(0, q_len, unit)).clamp(max=unit)
-    cols = (kv_len - torch.arange(0, kv_len, unit)).clamp(max=unit)
-    return rows[:, None] * cols[None, :]
-
-
-def _pool(x: Tensor, k: int) -> Tensor:
-    """Sum over ``k x k`` groups of cells (zero-padded at the edges)."""
-    if k == 1:
-        return x
-    nq, nk = -(-x.shape[0] // k), -(-x.shape[1] // k)
-    padded = x.new_zeros(nq * k, nk * k)
-    padded[: x.shape[0], : x.shape[1]] = x
-    return padded.view(nq, k, nk, k).sum((1, 3))
-
-
-# --------------------------------------------------------------------------------------------
-# Writers
-# --------------------------------------------------------------------------------------------
 
 
 def save_mask_png(
@@ -259,8 +128,8 @@ def save_block_mask_png(
             "draw a mask with flexmask.save_mask_png."
         )
     nb, nh = block_mask.kv_num_blocks.shape[:2]
-    b = _index_arg(batch, nb, "save_block_mask_png(batch=...)", "batch rows", shared=True)
-    h = _index_arg(head, nh, "save_block_mask_png(head=...)", "heads", shared=True)
+    b = check_index(batch, nb, "save_block_mask_png(batch=...)", "batch rows", shared=True)
+    h = check_index(head, nh, "save_block_mask_png(head=...)", "heads", shared=True)
     kinds = block_kinds(block_mask)[b, h].cpu()
     q_len, kv_len = block_mask.seq_lengths
     qbs, kvbs = block_mask.BLOCK_SIZE
@@ -323,7 +192,7 @@ def save_scores_png(
         's.png'
     """
     target = _check_path(path, "save_scores_png")
-    weights, allowed, expr = _weights(q, k, mask, batch, head, scale)
+    weights, allowed, expr = score_weights(q, k, mask, batch, head, scale)
     import numpy as np
 
     fig = _figure((6.4, 6.4))
@@ -417,33 +286,6 @@ def _panels(
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Argument checks (before any tensor work)
-# --------------------------------------------------------------------------------------------
-
-
-def _mask_args(
-    fn: str, mask: MaskModFn, q_len: int, kv_len: int | None, batch: int, head: int
-) -> tuple[MaskMod, int]:
-    m = as_mask(mask, name=f"{fn}(mask)")
-    kv = check_lengths(q_len, kv_len)
-    anything = 1 << 62  # a mask without per-batch tensors is the same for every row and head
-    _index_arg(batch, m.batch_size or anything, f"{fn}(batch=...)", "batch rows")
-    _index_arg(head, anything, f"{fn}(head=...)", "heads")
-    return m, kv
-
-
-def _index_arg(value: object, n: int, name: str, what: str, shared: bool = False) -> int:
-    """A row/head index in ``[0, n)``; with ``shared``, a size-1 dimension serves every index."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
-    if shared and n == 1:
-        return 0
-    if value >= n:
-        raise ValueError(f"{name} is {value} but there are only {n} {what} (0..{n - 1}).")
-    return value
-
-
 def _check_path(path: object, fn: str) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(
@@ -459,52 +301,6 @@ def _check_path(path: object, fn: str) -> Path:
 def _check_flag(value: object, name: str) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}.")
-
-
-def _weights(
-    q: Tensor, k: Tensor, mask: MaskModFn | BlockMask | None, b: int, h: int, scale: float | None
-) -> tuple[Tensor, Tensor, str]:
-    """Float64 softmax weights ``[Q, KV]`` of (b, h), the allowed pairs, the mask's expression."""
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(
-                f"save_scores_png({name}=...) needs a [B, H, S, D] tensor, got {got}; "
-                "MultiheadFlexAttention.project(x) returns q, k, v in that layout."
-            )
-    (nb, nh, q_len, d), (nbk, nhk, kv_len, dk) = q.shape, k.shape
-    if nbk != nb or dk != d or nh % nhk:
-        raise ValueError(
-            f"save_scores_png: q {tuple(q.shape)} and k {tuple(k.shape)} do not match; they "
-            "need the same batch and head_dim, and q's heads a multiple of k's (GQA)."
-        )
-    b = _index_arg(b, nb, "save_scores_png(batch=...)", "batch rows")
-    h = _index_arg(h, nh, "save_scores_png(head=...)", "heads")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"save_scores_png(scale=...) must be a number, got {scale!r}.")
-    expr = ""
-    if mask is None:
-        allowed = torch.ones(q_len, kv_len, dtype=torch.bool)
-    elif isinstance(mask, BlockMask):
-        if mask.seq_lengths != (q_len, kv_len):
-            raise ValueError(
-                f"save_scores_png(mask=...) is a BlockMask for {mask.seq_lengths} but q, k "
-                f"have q_len={q_len}, kv_len={kv_len}; build it for the same lengths."
-            )
-        dense = block_mask_to_dense(mask)
-        allowed = dense[b if dense.shape[0] > 1 else 0, h if dense.shape[1] > 1 else 0].cpu()
-    else:
-        m, _ = _mask_args("save_scores_png", mask, q_len, kv_len, b, h)
-        allowed, expr = _dense_row(m, q_len, kv_len, b, h), repr(m)
-    scores = q[b, h].detach().double().cpu() @ k[b, h // (nh // nhk)].detach().double().cpu().T
-    scores = scores * (d**-0.5 if scale is None else float(scale))
-    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    return weights.nan_to_num(0.0), allowed, expr  # a row that sees nothing: 0/0
-
-
-# --------------------------------------------------------------------------------------------
-# Drawing
-# --------------------------------------------------------------------------------------------
 
 
 def _figure(size: tuple[float, float]) -> Figure:
@@ -530,21 +326,10 @@ def _rgb(colour: str) -> tuple[float, float, float]:
     return to_rgb(colour)
 
 
-def _pixel_kinds(pic: MaskPicture) -> Tensor:
-    """The block kind behind each pixel (a pixel over several blocks: partial if any is)."""
-    rows, cols = pic.fraction.shape
-    if pic.pixel <= pic.block_size:
-        r = pic.block_size // pic.pixel
-        return pic.kinds.repeat_interleave(r, 0).repeat_interleave(r, 1)[:rows, :cols]
-    r = pic.pixel // pic.block_size
-    partial, full = (_pool((pic.kinds == k).long(), r) > 0 for k in (1, 2))
-    return torch.where(partial, 1, torch.where(full, 2, 0))
-
-
 def _draw_mask(ax: Axes, pic: MaskPicture, show_blocks: bool, small: bool = False) -> None:
     rows, cols = pic.fraction.shape
     if show_blocks:
-        kinds = _pixel_kinds(pic).long()
+        kinds = pixel_kinds(pic).long()
         low, high = (torch.tensor([_rgb(BY_BLOCK[k][i]) for k in (0, 1, 2)])[kinds] for i in (0, 1))
     else:
         low, high = (torch.tensor(_rgb(c)) for c in PLAIN)
