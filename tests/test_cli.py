@@ -244,7 +244,7 @@ def test_list_prints_every_factory(capsys):
         (["render", "causal()", "--q-len", "8", "-o", "x.jpg"], r"writes PNG files"),
         (
             ["render", "padding([3])", "--q-len", "8", "--batch", "2", "-o", "x.png"],
-            r"batch=...\) is 2 but there are only 1 batch rows",
+            r"batch=...\) is 2, out of range: there are 1 batch rows",
         ),
         (["describe", "padding([30])", "--q-len", "8"], r"longer than the sequence"),
     ],

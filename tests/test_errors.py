@@ -331,3 +331,128 @@ BAD_FORWARDS = [
 def test_bad_forward_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+Q4 = torch.ones(1, 4, 6, 8)
+BM2 = fm.block_mask(fm.padding([5, 6]), 6, block_size=16, device="cpu", compile=False)
+BM7 = fm.block_mask(fm.causal(), 7, block_size=16, device="cpu", compile=False)
+BAD_PICTURES = [
+    (
+        lambda: fm.save_mask_png(fm.causal(), 123, 8),
+        TypeError,
+        r"save_mask_png\(path=...\) needs a file path \(str or pathlib.Path\), got int",
+    ),
+    (
+        lambda: fm.save_mask_png(fm.causal(), "x.jpg", 8),
+        ValueError,
+        r"save_mask_png\(path=...\) writes PNG files, got 'x.jpg'; end it in '.png'",
+    ),
+    (
+        lambda: fm.save_mask_png("causal()", "x.png", 8),
+        TypeError,
+        r"save_mask_png\(mask\) must be a flexmask mask or a mask_mod callable",
+    ),
+    (
+        lambda: fm.save_mask_png(fm.causal(), "x.png", 0),
+        ValueError,
+        r"q_len=... must be a positive number of tokens, got 0",
+    ),
+    (
+        lambda: fm.save_mask_png(fm.padding([3, 4]), "x.png", 8, batch=2),
+        ValueError,
+        r"batch=...\) is 2, out of range: there are 2 batch rows \(0..1\)",
+    ),
+    (
+        lambda: fm.save_mask_png(fm.causal(), "x.png", 8, head=-1),
+        ValueError,
+        r"save_mask_png\(head=...\) must be an int >= 0, got -1",
+    ),
+    (
+        lambda: fm.save_mask_png(fm.causal(), "x.png", 8, block_size=10),
+        ValueError,
+        r"block_size=... must be a positive multiple of 16",
+    ),
+    (
+        lambda: fm.save_mask_png(fm.causal(), "x.png", 8, show_blocks="yes"),
+        TypeError,
+        r"show_blocks=...\) must be True or False, got 'yes'",
+    ),
+    (
+        lambda: fm.save_mask_png(fm.padding([30]), "x.png", 8),
+        ValueError,
+        r"longer than the sequence",
+    ),
+    (
+        lambda: fm.to_ascii(fm.causal(), 300),
+        ValueError,
+        r"to_ascii draws up to 256 tokens per side, got q_len=300.*save_mask_png",
+    ),
+    (
+        lambda: fm.save_block_mask_png(fm.causal(), "x.png"),
+        TypeError,
+        r"save_block_mask_png\(block_mask=...\) needs a torch BlockMask, got _Causal",
+    ),
+    (
+        lambda: fm.save_block_mask_png(BM2, "x.png", batch=2),
+        ValueError,
+        r"save_block_mask_png\(batch=...\) is 2, out of range: there are 2 batch rows",
+    ),
+    (
+        lambda: fm.save_scores_png(torch.ones(2, 6, 8), Q4, "x.png"),
+        ValueError,
+        r"save_scores_png\(q=...\) needs a \[B, H, S, D\] tensor, got \(2, 6, 8\)",
+    ),
+    (
+        lambda: fm.save_scores_png(Q4, torch.ones(1, 3, 6, 8), "x.png"),
+        ValueError,
+        r"q's heads a multiple of k's \(GQA\)",
+    ),
+    (
+        lambda: fm.save_scores_png(Q4, Q4, "x.png", mask=BM7),
+        ValueError,
+        r"save_scores_png\(mask=...\) is a BlockMask for \(7, 7\) but q, k have q_len=6, kv_len=6",
+    ),
+    (
+        lambda: fm.save_scores_png(Q4, Q4, "x.png", head=4),
+        ValueError,
+        r"save_scores_png\(head=...\) is 4, out of range: there are 4 heads",
+    ),
+    (
+        lambda: fm.save_scores_png(Q4, Q4, "x.png", scale="1/8"),
+        TypeError,
+        r"save_scores_png\(scale=...\) must be a number, got '1/8'",
+    ),
+    (
+        lambda: fm.save_scores_png(Q4, torch.ones(1, 4, 7, 8), "x.png", mask=fm.packed([3, 3])),
+        ValueError,
+        r"packed\(...\): document lengths sum 6 positions",
+    ),
+    (
+        lambda: fm.save_grid_png([], "x.png", 8),
+        TypeError,
+        r"save_grid_png\(masks=...\) needs a mask or a non-empty list of masks, got list \[\]",
+    ),
+    (
+        lambda: fm.save_grid_png([fm.causal(), 3], "x.png", 8),
+        TypeError,
+        r"save_grid_png\(masks\[1\]\) must be a flexmask mask",
+    ),
+    (
+        lambda: fm.save_grid_png([fm.causal()], "x.png", 8, ncols=0),
+        ValueError,
+        r"save_grid_png\(ncols=...\) must be a positive int, got 0",
+    ),
+    (
+        lambda: fm.save_grid_png(fm.causal(), "x.png", 8, heads=0),
+        ValueError,
+        r"save_grid_png\(heads=...\) must be a positive int, got 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "match"), BAD_PICTURES)
+def test_bad_picture_arguments(call, error, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=match):
+        call()
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written

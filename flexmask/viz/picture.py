@@ -38,7 +38,7 @@ def to_ascii(
         ■ ■ ⬚
         ⬚ ■ ■
     """
-    m, kv_len = _mask_args("to_ascii", mask, q_len, kv_len, batch, head)
+    m, kv_len = check_mask_args("to_ascii", mask, q_len, kv_len, batch, head)
     if max(q_len, kv_len) > MAX_ASCII:
         raise ValueError(
             f"to_ascii draws up to {MAX_ASCII} tokens per side, got q_len={q_len}, "
@@ -94,7 +94,7 @@ def mask_picture(
     max_pixels: int = MAX_PIXELS,
 ) -> MaskPicture:
     """Per-pixel allowed fractions and per-block kinds of one (batch, head) of ``mask``."""
-    m, kv_len = _mask_args("mask_picture", mask, q_len, kv_len, batch, head)
+    m, kv_len = check_mask_args("mask_picture", mask, q_len, kv_len, batch, head)
     block_size = check_block_size(block_size)
     # Blocks and pixels both pool from the same exact counts on `unit x unit` tiles.
     want = math.ceil(max(q_len, kv_len) / max_pixels)  # tokens per pixel side, at least
@@ -145,7 +145,7 @@ def pixel_kinds(pic: MaskPicture) -> Tensor:
     return torch.where(partial, 1, torch.where(full, 2, 0))
 
 
-def _mask_args(
+def check_mask_args(
     fn: str, mask: MaskModFn, q_len: int, kv_len: int | None, batch: int, head: int
 ) -> tuple[MaskMod, int]:
     m = as_mask(mask, name=f"{fn}(mask)")
@@ -163,7 +163,7 @@ def check_index(value: object, n: int, name: str, what: str, shared: bool = Fals
     if shared and n == 1:
         return 0
     if value >= n:
-        raise ValueError(f"{name} is {value} but there are only {n} {what} (0..{n - 1}).")
+        raise ValueError(f"{name} is {value}, out of range: there are {n} {what} (0..{n - 1}).")
     return value
 
 
@@ -200,7 +200,7 @@ def score_weights(
         dense = block_mask_to_dense(mask)
         allowed = dense[b if dense.shape[0] > 1 else 0, h if dense.shape[1] > 1 else 0].cpu()
     else:
-        m, _ = _mask_args("save_scores_png", mask, q_len, kv_len, b, h)
+        m, _ = check_mask_args("save_scores_png", mask, q_len, kv_len, b, h)
         allowed, expr = _dense_row(m, q_len, kv_len, b, h), repr(m)
     scores = q[b, h].detach().double().cpu() @ k[b, h // (nh // nhk)].detach().double().cpu().T
     scores = scores * (d**-0.5 if scale is None else float(scale))

@@ -20,7 +20,14 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ..convert import block_kinds
 from ..masks import MaskMod, MaskModFn, as_mask
-from .picture import MaskPicture, check_index, mask_picture, pixel_kinds, score_weights
+from .picture import (
+    MaskPicture,
+    check_index,
+    check_mask_args,
+    mask_picture,
+    pixel_kinds,
+    score_weights,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -91,7 +98,7 @@ def save_mask_png(
     """
     target = _check_path(path, "save_mask_png")
     _check_flag(show_blocks, "save_mask_png(show_blocks=...)")
-    m = as_mask(mask, name="save_mask_png(mask)")
+    m, _ = check_mask_args("save_mask_png", mask, q_len, kv_len, batch, head)
     pic = mask_picture(m, q_len, kv_len, batch=batch, head=head, block_size=block_size)
     fig = _figure((6.0, 7.0))
     ax = fig.add_subplot(1, 1, 1)
@@ -247,11 +254,16 @@ def save_grid_png(
     n = len(panels)
     if ncols is not None and (isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1):
         raise ValueError(f"save_grid_png(ncols=...) must be a positive int, got {ncols!r}.")
+    for m, b, h, _ in panels:  # every panel checked before any is drawn
+        check_mask_args("save_grid_png", m, q_len, kv_len, b, h)
+    pics = [
+        mask_picture(m, q_len, kv_len, batch=b, head=h, block_size=block_size)
+        for m, b, h, _ in panels
+    ]
     cols = min(ncols or 4, n)
     rows = -(-n // cols)
     fig = _figure((3.4 * cols, 3.6 * rows + 0.9))
-    for i, (m, b, h, label) in enumerate(panels):
-        pic = mask_picture(m, q_len, kv_len, batch=b, head=h, block_size=block_size)
+    for i, ((_, _, _, label), pic) in enumerate(zip(panels, pics, strict=True)):
         ax = fig.add_subplot(rows, cols, i + 1)
         _draw_mask(ax, pic, show_blocks, small=True)
         ax.set_title(_wrap(label, 40), fontsize=8)
@@ -334,8 +346,12 @@ def _draw_mask(ax: Axes, pic: MaskPicture, show_blocks: bool, small: bool = Fals
     else:
         low, high = (torch.tensor(_rgb(c)) for c in PLAIN)
     image = (low + pic.fraction[..., None] * (high - low)).mul_(255).round_().to(torch.uint8)
-    ax.imshow(image.numpy(), aspect="auto", interpolation="antialiased",
-              extent=(0, cols * pic.pixel, rows * pic.pixel, 0))  # fmt: skip
+    ax.imshow(
+        image.numpy(),
+        aspect="auto",
+        interpolation="antialiased",
+        extent=(0, cols * pic.pixel, rows * pic.pixel, 0),
+    )
     if show_blocks:
         nqb, nkvb = pic.kinds.shape
         _grid(ax, nqb, nkvb, pic.block_size, pic.block_size)
