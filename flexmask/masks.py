@@ -211,11 +211,8 @@ class MaskMod:
         the tile is allowed, ``~any_true`` only where none is. Both may be conservative (a tile
         with neither is simply undecided and gets evaluated). Masks must be bound.
         """
-        shape = (tiles.q0.shape[0], tiles.k0.shape[1])
-        dev = tiles.q0.device
-        return torch.zeros(shape, dtype=torch.bool, device=dev), torch.ones(
-            shape, dtype=torch.bool, device=dev
-        )
+        undecided = torch.zeros_like(tiles.q0 + tiles.k0, dtype=torch.bool)
+        return undecided, ~undecided
 
 
 class Tiles:

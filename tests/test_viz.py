@@ -47,6 +47,17 @@ def test_tile_bounds_are_sound_and_counts_exact(problem):
     assert torch.equal(tile_counts(mask, q, kv, size, b=b, device="cpu"), want)
 
 
+def test_tile_counts_in_bands_of_query_tiles():
+    # Very wide problems are counted a band of query tiles at a time (q_from > 0 in Tiles).
+    q, kv = 5, 2**18 + 7
+    ids = torch.randint(0, 3, (kv,))
+    mask = (fm.document(ids) & fm.prefix_lm(kv // 2)) | fm.sliding_window(3)
+    qi, ki = torch.arange(q)[:, None], torch.arange(kv)[None, :]
+    same_doc = ids[:q, None] == ids[None, :]
+    dense = (same_doc & ((ki < kv // 2) | (ki <= qi))) | ((ki <= qi) & (qi - ki < 3))
+    assert torch.equal(tile_counts(mask, q, kv, 1, device="cpu"), dense.long())
+
+
 def test_structured_masks_decide_most_tiles():
     # The point of the bounds: a long causal mask evaluates only its diagonal tiles.
     n, size = 4096, 128

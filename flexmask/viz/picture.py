@@ -24,6 +24,7 @@ __all__ = ["MaskPicture", "mask_picture", "score_weights", "to_ascii"]
 
 MAX_PIXELS = 1024  # tokens per side drawn one per pixel; longer masks are drawn per tile
 MAX_ASCII = 256  # tokens per side up to which to_ascii draws
+MAX_SCORES = 4096  # queries/keys up to which score maps are drawn (they are dense float64)
 
 
 def to_ascii(
@@ -148,6 +149,7 @@ def pixel_kinds(pic: MaskPicture) -> Tensor:
 def check_mask_args(
     fn: str, mask: MaskModFn, q_len: int, kv_len: int | None, batch: int, head: int
 ) -> tuple[MaskMod, int]:
+    """The mask as a ``MaskMod`` and ``kv_len``, after checking the arguments of ``fn``."""
     m = as_mask(mask, name=f"{fn}(mask)")
     kv = check_lengths(q_len, kv_len)
     anything = 1 << 62  # a mask without per-batch tensors is the same for every row and head
@@ -183,6 +185,11 @@ def score_weights(
         raise ValueError(
             f"save_scores_png: q {tuple(q.shape)} and k {tuple(k.shape)} do not match; they "
             "need the same batch and head_dim, and q's heads a multiple of k's (GQA)."
+        )
+    if max(q_len, kv_len) > MAX_SCORES:
+        raise ValueError(
+            f"save_scores_png draws up to {MAX_SCORES} queries and keys, got q_len={q_len}, "
+            f"kv_len={kv_len}; slice them, e.g. q[:, :, :1024] and k[:, :, :1024]."
         )
     b = check_index(b, nb, "save_scores_png(batch=...)", "batch rows")
     h = check_index(h, nh, "save_scores_png(head=...)", "heads")

@@ -76,6 +76,8 @@ def save_mask_png(
     ``MAX_LABELLED``); longer ones pixel tile by pixel tile, shaded by the fraction of allowed
     pairs, computed without materialising the mask. The caption gives element and block density
     and the block counts of this (batch, head), as ``create_block_mask`` would classify them.
+    Masks built from flexmask factories decide most tiles from their structure; a plain mask_mod
+    function is evaluated on every pair, so its time grows with ``q_len x kv_len``.
 
     Args:
         mask: a flexmask mask or any mask_mod callable.
