@@ -4,9 +4,12 @@ Describe once which query may see which key, combine the pieces with ``&``, ``|`
 a BlockMask, a dense mask for SDPA, diagnostics, and a drop-in attention module.
 """
 
+# tree.py first: importing a submodule binds its name on the package, and `tree` must end up
+# naming the mask factory, not the module.
+from .tree import Tree  # isort: skip
 from .attention import MultiheadFlexAttention, ScoreModFn
 from .block import MaskStats, block_mask, cache_info, check, clear_cache, describe
-from .convert import block_mask_to_dense, to_additive, to_dense
+from .convert import block_mask_to_dense, from_hf_attention_mask, to_additive, to_dense, to_hf_4d
 from .masks import (
     MaskMod,
     MaskModFn,
@@ -21,6 +24,7 @@ from .masks import (
     packed,
     padding,
     prefix_lm,
+    shifted,
     sliding_window,
     tree,
 )
@@ -34,6 +38,7 @@ __all__ = [
     "MaskStats",
     "MultiheadFlexAttention",
     "ScoreModFn",
+    "Tree",
     "and_masks",
     "as_mask",
     "block_mask",
@@ -45,6 +50,7 @@ __all__ = [
     "clear_cache",
     "describe",
     "document",
+    "from_hf_attention_mask",
     "full",
     "not_mask",
     "or_masks",
@@ -55,9 +61,11 @@ __all__ = [
     "save_grid_png",
     "save_mask_png",
     "save_scores_png",
+    "shifted",
     "sliding_window",
     "to_additive",
     "to_ascii",
     "to_dense",
+    "to_hf_4d",
     "tree",
 ]

@@ -284,15 +284,34 @@ class MultiheadFlexAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.score_mod is not None:
             return _eager_attention(q, k, v, dense, self.score_mod, p)
-        if dense is None:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=_gqa(q, k))
-        # A row with no allowed key would be NaN (or depend on the kernel); let it see every key,
-        # then zero it: finite values forward and zero gradients backward.
-        seen = dense.any(-1, keepdim=True)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=dense | ~seen, dropout_p=p, enable_gqa=_gqa(q, k)
-        )
-        return out.masked_fill(~seen, 0.0)
+        return masked_sdpa(q, k, v, dense, dropout_p=p)
+
+
+def masked_sdpa(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dense: Tensor | None,
+    *,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> Tensor:
+    """SDPA under a boolean mask (True = may attend) in which a row that sees nothing gives zeros.
+
+    Shapes: q ``[B, H, S, D]``, k and v ``[B, H_kv, S_kv, D]``, dense broadcastable to
+    ``[B, H, S, S_kv]``.
+    """
+    gqa = _gqa(q, k)
+    if dense is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)  # fmt: skip
+    # A row with no allowed key would be NaN (or depend on the kernel); let it see every key,
+    # then zero it: finite values forward and zero gradients backward.
+    seen = dense.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=dense | ~seen, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+    )
+    return out.masked_fill(~seen, 0.0)
 
 
 def _gqa(q: Tensor, k: Tensor) -> bool:

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from ._checks import check_block_size, check_count, check_lengths, resolve_batch, resolve_device
-from .convert import block_kinds, evaluate_tiles, partial_tiles, to_dense
+from .convert import block_kinds, evaluate_tiles, partial_tiles, to_dense, with_offset
 from .masks import MaskMod, MaskModFn, as_mask
 
 __all__ = ["MaskStats", "block_mask", "cache_info", "check", "clear_cache", "describe"]
@@ -59,6 +59,7 @@ def block_mask(
     device: torch.device | str | None = None,
     compile: bool = True,
     cache: bool = True,
+    q_offset: int | Tensor = 0,
 ) -> BlockMask:
     """Build the FlexAttention ``BlockMask`` of ``mask`` for a ``q_len x kv_len`` problem.
 
@@ -76,6 +77,8 @@ def block_mask(
         cache: reuse the BlockMask of an equal earlier call. Scalar masks (``causal() &
             sliding_window(256)``) are keyed by value; masks holding tensors and plain functions
             by identity (flexmask copies tensors into masks, so they cannot change under the key).
+        q_offset: the queries' first position, ``shifted(mask, q_offset)`` (decoding after a
+            cache: ``kv_len - q_len``).
 
     Returns:
         A ``BlockMask`` whose ``mask_mod`` is the (bound) flexmask mask.
@@ -86,7 +89,7 @@ def block_mask(
         >>> bm.shape, int(bm.kv_num_blocks.sum()), int(bm.full_kv_num_blocks.sum())
         ((1, 1, 512, 512), 4, 6)
     """
-    m = as_mask(mask)
+    m = with_offset(as_mask(mask), q_offset)
     kv_len = check_lengths(q_len, kv_len)
     bsz = resolve_batch(m, batch, default=None)
     heads = check_count(heads, "heads")

@@ -9,9 +9,17 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 from ._checks import check_count, check_lengths, resolve_batch, resolve_device
-from .masks import MaskModFn, Tiles, as_mask
+from .masks import MaskMod, MaskModFn, Tiles, _Tokens, as_mask, shifted
 
-__all__ = ["block_mask_to_dense", "evaluate_tiles", "tile_counts", "to_additive", "to_dense"]
+__all__ = [
+    "block_mask_to_dense",
+    "evaluate_tiles",
+    "from_hf_attention_mask",
+    "tile_counts",
+    "to_additive",
+    "to_dense",
+    "to_hf_4d",
+]
 
 
 def to_dense(
@@ -22,6 +30,7 @@ def to_dense(
     batch: int | None = None,
     heads: int = 1,
     device: torch.device | str | None = None,
+    q_offset: int | Tensor = 0,
 ) -> Tensor:
     """Evaluate ``mask`` on every ``(b, h, q_idx, kv_idx)``: a ``BoolTensor[batch, heads, q_len,
     kv_len]``, True = may attend.
@@ -32,18 +41,111 @@ def to_dense(
         batch: batch rows; defaults to the rows of the mask's per-batch tensors, else 1.
         heads: heads to evaluate (masks that ignore ``h`` give identical heads).
         device: where to evaluate; defaults to the mask's device, else CPU.
+        q_offset: the queries' first position, ``shifted(mask, q_offset)`` (decoding after a
+            cache: ``kv_len - q_len``).
 
     Example:
         >>> import flexmask as fm
         >>> fm.to_dense(fm.causal() & fm.padding([2, 3]), 3).shape
         torch.Size([2, 1, 3, 3])
     """
-    m = as_mask(mask)
+    m = with_offset(as_mask(mask), q_offset)
     kv_len = check_lengths(q_len, kv_len)
     batch = resolve_batch(m, batch)
     nh = check_count(heads, "heads", allow_none=False)
     dev = resolve_device(m, device)
     return create_mask(m.bind(q_len, kv_len), batch, nh, q_len, kv_len, dev)
+
+
+def with_offset(mask: MaskMod, q_offset: int | Tensor) -> MaskMod:
+    """``mask`` shifted by ``q_offset`` (itself when the offset is the int 0)."""
+    if isinstance(q_offset, int) and not isinstance(q_offset, bool) and q_offset == 0:
+        return mask
+    return shifted(mask, q_offset)
+
+
+def from_hf_attention_mask(attention_mask: Tensor) -> MaskMod:
+    """A Transformers 2-D attention mask (1 = token, 0 = pad): pads neither attend nor are seen.
+
+    ``attention_mask`` is ``[B, S]`` with 1 for real tokens and 0 for padding, in any pattern
+    (left or right padding, holes). Combine with ``causal()`` for a decoder. ``S`` counts every
+    position, cached ones included; build for ``q_len`` new queries with ``q_offset=S - q_len``.
+    For ``[[1, 0, 1, 1]]``::
+
+        ■ ⬚ ■ ■
+        ⬚ ⬚ ⬚ ⬚
+        ■ ⬚ ■ ■
+        ■ ⬚ ■ ■
+
+    Raises:
+        TypeError: if it is not a tensor of 0/1 integers or bools.
+        ValueError: if it is not 2-D or holds values other than 0 and 1.
+
+    Example:
+        >>> import torch, flexmask as fm
+        >>> m = fm.causal() & fm.from_hf_attention_mask(torch.tensor([[0, 1, 1]]))
+        >>> fm.to_dense(m, 3)[0, 0].int().tolist()
+        [[0, 0, 0], [0, 1, 0], [0, 1, 1]]
+    """
+    call = "from_hf_attention_mask(attention_mask=...)"
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(
+            f"{call} needs a [batch, seq_len] tensor of 0/1, got {type(attention_mask).__name__}."
+        )
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"{call} needs a 2-D [batch, seq_len] tensor of 0/1, got shape "
+            f"{tuple(attention_mask.shape)}; a 4-D mask is already expanded."
+        )
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        raise TypeError(f"{call} needs integers or bools (1 = token), got {attention_mask.dtype}.")
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError(
+            f"{call} holds values other than 0 and 1: {attention_mask.unique().tolist()}."
+        )
+    return _Tokens(attention_mask.detach().bool().clone())
+
+
+def to_hf_4d(
+    mask: MaskModFn,
+    q_len: int,
+    kv_len: int | None = None,
+    *,
+    batch: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    q_offset: int | Tensor = 0,
+    boolean: bool = False,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``mask`` as the 4-D attention mask Transformers models take: ``[B, 1, q_len, kv_len]``.
+
+    Additive by default: 0 where allowed, ``finfo(dtype).min`` where not (never ``-inf``), ready
+    for ``model(..., attention_mask=...)`` with eager or SDPA attention; ``boolean=True`` gives
+    True = may attend instead. A row that sees no key stays fully masked: Transformers' legacy
+    ``_unmask_unattended`` let such rows attend everywhere; flexmask's attention returns zeros.
+
+    Args:
+        mask: a flexmask mask or any mask_mod callable, in absolute positions.
+        q_len, kv_len: query and key lengths (``kv_len`` defaults to ``q_len``).
+        batch: batch rows; defaults to the mask's per-batch rows, else 1.
+        dtype: the float dtype of an additive mask (the model's dtype).
+        q_offset: the queries' first position (``kv_len - q_len`` after a cache).
+        boolean: return a bool mask instead of an additive one.
+        device: defaults to the mask's device, else CPU.
+
+    Example:
+        >>> import torch, flexmask as fm
+        >>> fm.to_hf_4d(fm.causal(), 1, 3, q_offset=2).tolist()
+        [[[[0.0, 0.0, 0.0]]]]
+        >>> fm.to_hf_4d(fm.causal(), 2, boolean=True).shape
+        torch.Size([1, 1, 2, 2])
+    """
+    if not isinstance(boolean, bool):
+        raise TypeError(f"to_hf_4d(boolean=...) must be True or False, got {boolean!r}.")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"to_hf_4d(dtype=...) needs a floating dtype, got {dtype!r}.")
+    dense = to_dense(mask, q_len, kv_len, batch=batch, device=device, q_offset=q_offset)
+    return dense if boolean else to_additive(dense, dtype)
 
 
 def to_additive(dense: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

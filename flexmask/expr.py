@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .convert import from_hf_attention_mask
 from .masks import (
     MaskMod,
     causal,
@@ -23,6 +24,7 @@ from .masks import (
     packed,
     padding,
     prefix_lm,
+    shifted,
     sliding_window,
     tree,
 )
@@ -31,8 +33,11 @@ __all__ = ["FACTORIES", "parse_mask"]
 
 FACTORIES: dict[str, Callable[..., MaskMod]] = {
     f.__name__: f
-    for f in (full, causal, sliding_window, prefix_lm, padding, document, packed, chunked, tree)
-}
+    for f in (
+        full, causal, sliding_window, prefix_lm, padding, document, packed, chunked, tree,
+        shifted, from_hf_attention_mask,
+    )
+}  # fmt: skip
 CHOICES = {("padding", "side"): ("right", "left")}  # the only places a string may appear
 MAX_CHARS = 100_000
 
@@ -129,12 +134,17 @@ class _Walker:
         if not isinstance(func, ast.Name) or func.id not in FACTORIES:
             raise self.refuse(func, "only flexmask factories may be called")
         name = func.id
-        args = [self.value(a, name, None) for a in node.args]
+        # shifted(mask, q_offset=...) takes a mask first; every other argument is a value.
+        args = [
+            self.mask(a) if name == "shifted" and i == 0 else self.value(a, name, None)
+            for i, a in enumerate(node.args)
+        ]
         kwargs = {}
         for kw in node.keywords:
             if kw.arg is None:
                 raise self.error(kw.value, "keyword unpacking (**) is not allowed")
-            kwargs[kw.arg] = self.value(kw.value, name, kw.arg)
+            is_mask = name == "shifted" and kw.arg == "mask"
+            kwargs[kw.arg] = self.mask(kw.value) if is_mask else self.value(kw.value, name, kw.arg)
         try:
             return FACTORIES[name](*args, **kwargs)
         except (TypeError, ValueError, OverflowError, RuntimeError) as err:
@@ -177,6 +187,16 @@ class _Walker:
             except (TypeError, ValueError, OverflowError, RuntimeError) as err:
                 reason = str(err).rstrip(".")
                 raise self.error(node, f"tensor(...) refused its data: {reason}") from None
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "tensor"
+        ):
+            raise self.error(
+                node,
+                "tensor(...) takes one list of numbers (a repr showing '...' is shortened: "
+                "write the values out)",
+            )
         raise self.refuse(node, "arguments are numbers, lists of numbers or tensor([...])")
 
 

@@ -14,6 +14,7 @@ expressions are equal; masks holding tensors compare by identity.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import re
@@ -37,6 +38,7 @@ __all__ = [
     "packed",
     "padding",
     "prefix_lm",
+    "shifted",
     "sliding_window",
     "tree",
 ]
@@ -233,10 +235,19 @@ class Tiles:
     ) -> None:
         self.b, self.size, self.q_len, self.kv_len = b, size, q_len, kv_len
         self.q_from, self.q_to = q_from, min(q_len, q_to or q_len)
+        self.k_from = 0
         q0 = torch.arange(q_from, self.q_to, size, device=device)
         k0 = torch.arange(0, kv_len, size, device=device)
         self.q0, self.q1 = q0[:, None], (q0 + size).clamp(max=q_len)[:, None] - 1
         self.k0, self.k1 = k0[None, :], (k0 + size).clamp(max=kv_len)[None, :] - 1
+
+    def shifted(self, dq: int, dk: int) -> Tiles:
+        """The same tiles seen ``dq`` query and ``dk`` key positions further on."""
+        out = copy.copy(self)
+        out.q0, out.q1, out.k0, out.k1 = self.q0 + dq, self.q1 + dq, self.k0 + dk, self.k1 + dk
+        out.q_from, out.q_to, out.q_len = self.q_from + dq, self.q_to + dq, self.q_len + dq
+        out.k_from, out.kv_len = self.k_from + dk, self.kv_len + dk
+        return out
 
     def area(self) -> Tensor:
         """Pairs in each tile, ``[NQ, NK]``."""
@@ -244,7 +255,7 @@ class Tiles:
 
     def span(self, values: Tensor, axis: int) -> tuple[Tensor, Tensor]:
         """Per-tile min and max of a per-position tensor along queries (0) or keys (1)."""
-        v = values[self.q_from : self.q_to] if axis == 0 else values[: self.kv_len]
+        v = values[self.q_from : self.q_to] if axis == 0 else values[self.k_from : self.kv_len]
         pad = (-v.shape[0]) % self.size  # repeat the last value: it changes neither min nor max
         v = torch.cat([v, v[-1:].expand(pad)]).view(-1, self.size)
         lo, hi = v.amin(1), v.amax(1)
@@ -1024,3 +1035,128 @@ def tree(parents: Tensor | Sequence[int], context_len: int = 0) -> MaskMod:
         if parent >= 0:
             ancestors[i] |= ancestors[parent]
     return _Tree(p, context_len, ancestors, torch.tensor(context_len, device=p.device))
+
+
+class _Shifted(MaskMod):
+    """``inner`` evaluated ``q_offset`` query (and ``kv_offset`` key) positions further on."""
+
+    def __init__(self, inner: MaskMod, q_offset: int | Tensor, kv_offset: int = 0) -> None:
+        self.inner = inner
+        self.q_offset = q_offset
+        self.kv_offset = kv_offset
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return self.inner(b, h, q_idx + self.q_offset, kv_idx + self.kv_offset)
+
+    def _expr(self) -> str:
+        q = self.q_offset
+        shown = _fmt_tensor(q) if isinstance(q, Tensor) else str(q)
+        kv = f", kv_offset={self.kv_offset}" if self.kv_offset else ""
+        return f"shifted({self.inner!r}, q_offset={shown}{kv})"
+
+    def _key(self) -> tuple[Any, ...] | None:
+        if isinstance(self.q_offset, Tensor) or self.inner._key() is None:
+            return None
+        return (self.inner, self.q_offset, self.kv_offset)
+
+    # The inner mask's tensors, batch rows and head use are this mask's own.
+    def _own_tensors(self) -> list[Tensor]:
+        q = [self.q_offset] if isinstance(self.q_offset, Tensor) else []
+        return q + self.inner.tensors()
+
+    def _own_batch(self) -> int | None:
+        return self.inner.batch_size
+
+    def _opaque(self) -> bool:
+        return self.inner.uses_heads
+
+    def _moved(self, device: torch.device) -> MaskMod:
+        q = self.q_offset.to(device) if isinstance(self.q_offset, Tensor) else self.q_offset
+        return _Shifted(self.inner.to(device), q, self.kv_offset)
+
+    def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
+        # The inner mask sees absolute positions. A tensor offset may change after building, so
+        # its queries are assumed to stay inside the keys (bottom-right alignment or before).
+        frame_kv = kv_len + self.kv_offset
+        frame_q = frame_kv if isinstance(self.q_offset, Tensor) else q_len + self.q_offset
+        bound = self.inner.bind(frame_q, frame_kv)
+        return self if bound is self.inner else _Shifted(bound, self.q_offset, self.kv_offset)
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        return self.inner.tile_bounds(tiles.shifted(int(self.q_offset), self.kv_offset))
+
+
+def shifted(mask: MaskModFn, q_offset: int | Tensor, kv_offset: int = 0) -> MaskMod:
+    """``mask`` in absolute positions: query ``i`` is position ``q_offset + i`` (decode alignment).
+
+    Keeps ``mask(b, h, q_idx + q_offset, kv_idx + kv_offset)``. With ``q_len`` new queries after
+    a cache, ``q_offset = kv_len - q_len`` puts them at the end of the ``kv_len`` keys
+    (bottom-right alignment). A tensor ``q_offset`` can change without recompiling; its queries
+    must stay inside the keys. For ``causal()`` with ``q_offset=2``, 2 queries, 4 keys::
+
+        ■ ■ ■ ⬚
+        ■ ■ ■ ■
+
+    Args:
+        mask: a flexmask mask or any mask_mod callable, written in absolute positions.
+        q_offset: position of the first query (int >= 0, or a 0-d integer tensor).
+        kv_offset: position of the first key (int >= 0; sliding-window caches drop old keys).
+
+    Raises:
+        TypeError: if an offset is not an int or a 0-d integer tensor.
+        ValueError: if an offset is negative.
+
+    Example:
+        >>> import flexmask as fm
+        >>> m = fm.shifted(fm.causal(), 2)
+        >>> m
+        shifted(causal(), q_offset=2)
+        >>> fm.to_dense(m, 2, 4)[0, 0].int().tolist()
+        [[1, 1, 1, 0], [1, 1, 1, 1]]
+    """
+    inner = as_mask(mask, name="shifted(mask)")
+    kv = _positive_int(kv_offset, "shifted(kv_offset=...)", minimum=0)
+    if isinstance(q_offset, int) and not isinstance(q_offset, bool):
+        return _Shifted(inner, _positive_int(q_offset, "shifted(q_offset=...)", minimum=0), kv)
+    q = _int_tensor(q_offset, "shifted(q_offset=...)", ranks=(0,))
+    if int(q) < 0:
+        raise ValueError(f"shifted(q_offset=...) needs a value >= 0, got {int(q)}.")
+    return _Shifted(inner, q, kv)
+
+
+class _Tokens(MaskMod):
+    """Pairs of real tokens, from a 0/1 ``[B, S]`` attention mask (any pattern)."""
+
+    def __init__(self, real: Tensor) -> None:
+        self.real = real  # bool [B, S]
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return self.real[b, q_idx] & self.real[b, kv_idx]
+
+    def _expr(self) -> str:
+        return f"from_hf_attention_mask({_fmt_tensor(self.real.long())})"
+
+    def _own_tensors(self) -> list[Tensor]:
+        return [self.real]
+
+    def _own_batch(self) -> int | None:
+        return self.real.shape[0]
+
+    def _moved(self, device: torch.device) -> MaskMod:
+        return _Tokens(self.real.to(device))
+
+    def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
+        n = self.real.shape[1]
+        if n != max(q_len, kv_len):
+            raise ValueError(
+                f"from_hf_attention_mask(...): the attention mask covers {n} positions but the "
+                f"mask is built for q_len={q_len}, kv_len={kv_len}; it needs one entry per "
+                f"position ({max(q_len, kv_len)}), the cached ones included."
+            )
+        return self
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        real = self.real[tiles.b].long()
+        q_lo, q_hi = tiles.span(real, 0)
+        k_lo, k_hi = tiles.span(real, 1)
+        return (q_lo == 1) & (k_lo == 1), (q_hi == 1) & (k_hi == 1)

