@@ -1,0 +1,208 @@
+"""flexmask inside Transformers: trees in one pass, padded batches, the flexmask backend, on tiny
+random-initialised Llama, Qwen2 and GPT2 models (float32, nothing downloaded)."""
+
+import pytest
+import torch
+
+import flexmask as fm
+
+transformers = pytest.importorskip("transformers", reason="needs transformers")
+hf = pytest.importorskip("flexmask.hf")
+
+VOCAB = 97
+IMPLS = ["eager", "sdpa", "flexmask"]
+ATOL = 1e-5
+
+
+def tiny(kind, impl):
+    torch.manual_seed(0)  # the same weights for every implementation
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM._from_config(
+            transformers.LlamaConfig(**common), attn_implementation=impl
+        )
+    elif kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM._from_config(
+            transformers.Qwen2Config(**common), attn_implementation=impl
+        )
+    else:
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                      bos_token_id=None, eos_token_id=None)  # fmt: skip
+        model = transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation=impl)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    hf.register("flexmask")
+    yield {(kind, impl): tiny(kind, impl) for kind in ("llama", "qwen2", "gpt2") for impl in IMPLS}
+    hf.unregister("flexmask")
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+def run_tree(model, impl, ctx, tree):
+    x = hf.tree_inputs(ctx, tree)
+    kw = (
+        {"flexmask_mask": x["flexmask_mask"]}
+        if impl == "flexmask"
+        else {"attention_mask": x["attention_mask"]}
+    )
+    return logits(model, x["input_ids"], position_ids=x["position_ids"], **kw)[0, ctx.numel() :]
+
+
+YOU, ARE, A, NOT = 11, 12, 13, 14
+TREES = {
+    "from_paths": fm.Tree.from_paths([[5, 6, 7], [5, 6, 8], [5, 9], [40, 41]]),
+    "duplicates": fm.Tree.from_parents(
+        [-1, 0, 1, -1, 3, 4, -1, 6, 7], [YOU, ARE, A, YOU, ARE, NOT, YOU, ARE, A]
+    ),
+}
+
+
+@pytest.mark.parametrize("tree", sorted(TREES))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_tree_in_one_pass_equals_each_path_alone(models, kind, impl, tree):
+    t, model = TREES[tree], models[kind, impl]
+    ctx = torch.arange(20, 26)
+    nodes = run_tree(model, impl, ctx, t)
+    for row in t.paths:
+        path = row[row >= 0]
+        alone = logits(model, torch.cat([ctx, t.tokens[path]])[None])[0, ctx.numel() :]
+        torch.testing.assert_close(nodes[path], alone, atol=ATOL, rtol=0)
+    if tree == "duplicates":  # identical branches, identical logits
+        torch.testing.assert_close(nodes[[0, 1, 2]], nodes[[6, 7, 8]], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_verify_tree_equals_checking_every_path(models, kind, impl):
+    model = models[kind, impl]
+    ctx = torch.arange(30, 36)
+    with torch.no_grad():  # the model's own greedy continuation, so some path gets accepted
+        greedy = model.generate(ctx[None], max_new_tokens=4, do_sample=False, pad_token_id=0)[
+            0, 6:
+        ].tolist()
+    g1, g2, g3, _ = greedy
+    paths = [[g1, g2, (g3 + 1) % VOCAB], [g1, g2, g3], [g1, (g2 + 1) % VOCAB], [(g1 + 1) % VOCAB]]
+    t = fm.Tree.from_paths(paths)
+    got = hf.verify_tree(model, ctx, t)
+    best, best_next = [], None  # brute force: each path alone, greedy prefix matching
+    for path in paths:
+        out = logits(model, torch.tensor([ctx.tolist() + path]))[0].argmax(-1)
+        preds = out[ctx.numel() - 1 :].tolist()
+        n = next((i for i, tok in enumerate(path) if preds[i] != tok), len(path))
+        if n > len(best):
+            best, best_next = path[:n], preds[n]
+    assert got.tokens == best == [g1, g2, g3]
+    assert got.next_token == best_next
+    assert [int(t.tokens[i]) for i in got.path] == got.tokens
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [21, 22, 23], [31, 32, 33, 34]]
+
+
+def left_padded():
+    n = max(map(len, PROMPTS))
+    ids = torch.zeros(len(PROMPTS), n, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, p in enumerate(PROMPTS):
+        ids[i, n - len(p) :] = torch.tensor(p)
+        am[i, n - len(p) :] = 1
+    return ids, am
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_left_padded_batch_equals_each_prompt_alone(models, kind, impl):
+    model = models[kind, impl]
+    ids, am = left_padded()
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    batch = logits(model, ids, attention_mask=am, position_ids=pos)
+    with torch.no_grad():
+        gen = model.generate(
+            ids, attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0
+        )
+    for i, p in enumerate(PROMPTS):
+        alone = logits(model, torch.tensor([p]))[0]
+        torch.testing.assert_close(batch[i, -len(p) :], alone, atol=ATOL, rtol=0)
+        with torch.no_grad():
+            own = model.generate(
+                torch.tensor([p]), max_new_tokens=5, do_sample=False, pad_token_id=0
+            )
+        assert gen[i, ids.shape[1] :].tolist() == own[0, len(p) :].tolist()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_flexmask_backend_equals_sdpa(models, kind):
+    ids, am = left_padded()
+    ref_model, model = models[kind, "sdpa"], models[kind, "flexmask"]
+    torch.testing.assert_close(logits(model, ids), logits(ref_model, ids), atol=ATOL, rtol=0)
+    real = am.bool()
+    got, want = logits(model, ids, attention_mask=am), logits(ref_model, ids, attention_mask=am)
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+    with torch.no_grad():  # prefill, then cached decode steps
+        kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        a, b = model.generate(ids, **kw), ref_model.generate(ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    for sa, sb in zip(a.scores, b.scores, strict=True):
+        torch.testing.assert_close(sa, sb, atol=ATOL, rtol=0)
+
+
+def test_flexmask_mask_replaces_the_models_mask(models):
+    model, ids = models["llama", "flexmask"], torch.arange(10, 18)[None]
+    causal = logits(model, ids)
+    windowed = logits(model, ids, flexmask_mask=fm.sliding_window(2))
+    torch.testing.assert_close(
+        logits(model, ids, flexmask_mask=fm.causal()), causal, atol=0, rtol=0
+    )
+    assert not torch.allclose(windowed, causal)
+    assert torch.allclose(windowed[:, :2], causal[:, :2])  # the first two rows are the same
+
+
+def test_register_both_functions_and_refuse_collisions():
+    name = hf.register("flexmask-test")
+    assert name in transformers.AttentionInterface._global_mapping
+    assert name in transformers.masking_utils.AttentionMaskInterface._global_mapping
+    hf.unregister(name)
+    assert name not in transformers.AttentionInterface._global_mapping
+    with pytest.raises(ValueError, match=r"would replace Transformers' own 'sdpa' attention"):
+        hf.register("sdpa")
+    with pytest.raises(ValueError, match=r"unregister\('sdpa'\): flexmask registered no such name"):
+        hf.unregister("sdpa")
+    with pytest.raises(ValueError, match=r"register\(backend=...\) must be one of"):
+        hf.register("x", backend="fast")
+
+
+def test_bad_tree_inputs(models):
+    model = models["gpt2", "sdpa"]
+    deep = fm.Tree.from_paths([list(range(60))])
+    with pytest.raises(
+        ValueError, match=r"the deepest node sits at position 129 but the model has 128 positions"
+    ):
+        hf.verify_tree(model, torch.arange(70), deep)
+    with pytest.raises(
+        ValueError, match=r"needs a non-empty \[C\] or \[1, C\] tensor, got shape \(0,\)"
+    ):
+        hf.tree_inputs(torch.zeros(0, dtype=torch.long), deep)
+    with pytest.raises(TypeError, match=r"needs a flexmask.Tree, got list"):
+        hf.tree_inputs(torch.arange(3), [[1, 2]])
+
+
+@pytest.mark.slow
+def test_flex_backend_equals_sdpa_in_prefill():
+    hf.register("flexmask-flex", backend="flex")
+    try:
+        model, ref_model = tiny("llama", "flexmask-flex"), tiny("llama", "sdpa")
+        ids, am = left_padded()
+        real = am.bool()
+        got, want = logits(model, ids, attention_mask=am), logits(ref_model, ids, attention_mask=am)
+        torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+    finally:
+        hf.unregister("flexmask-flex")
