@@ -139,6 +139,7 @@ def test_new_tensor_values_never_recompile():
         lambda i: fm.document([min(j // (10 + i), 9) for j in range(S)]) & fm.causal(),
         lambda i: fm.tree([-1] + [max(0, j - 1 - i) for j in range(1, S - 6)], context_len=6),
         lambda i: fm.prefix_lm(torch.tensor(3 + i)),
+        lambda i: fm.shifted(fm.sliding_window(40), torch.tensor(5 * i)),  # decode offsets
     ):
         fm.block_mask(make(0), S, device="cpu")  # first build of this structure compiles
         counters.clear()

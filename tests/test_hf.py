@@ -206,3 +206,14 @@ def test_flex_backend_equals_sdpa_in_prefill():
         torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
     finally:
         hf.unregister("flexmask-flex")
+
+
+def test_mask_function_accepts_both_transformers_signatures():
+    # transformers >= 5.4 passes q_length/q_offset; before, cache_position (the query positions).
+    am = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]).bool()
+    new = hf._mask_function(2, q_length=2, kv_length=5, q_offset=3, attention_mask=am)
+    old = hf._mask_function(2, cache_position=torch.tensor([3, 4]), kv_length=5, attention_mask=am)
+    want = fm.to_dense(fm.causal() & fm.from_hf_attention_mask(am), 2, 5, q_offset=3)
+    for got in (new, old):
+        assert got.shape == (2, 1, 2, 5)
+        assert torch.equal(fm.to_dense(got.mask, 2, 5), want)
