@@ -9,6 +9,7 @@ a BlockMask, a dense mask for SDPA, diagnostics, and a drop-in attention module.
 from .tree import Tree  # isort: skip
 from .attention import MultiheadFlexAttention, ScoreModFn
 from .block import MaskStats, block_mask, cache_info, check, clear_cache, describe
+from .cache import KVCache
 from .convert import block_mask_to_dense, from_hf_attention_mask, to_additive, to_dense, to_hf_4d
 from .masks import (
     MaskMod,
@@ -33,6 +34,7 @@ from .viz import save_block_mask_png, save_grid_png, save_mask_png, save_scores_
 __version__ = "0.1.0"
 
 __all__ = [
+    "KVCache",
     "MaskMod",
     "MaskModFn",
     "MaskStats",

@@ -16,8 +16,9 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ._checks import check_block_size
 from .block import RECOMPILE_LIMIT, cached_dense
 from .block import block_mask as build_block_mask
-from .convert import block_mask_to_dense
-from .masks import MaskModFn, as_mask, full
+from .cache import KVCache, _CacheStep
+from .convert import block_mask_to_dense, to_dense
+from .masks import MaskMod, MaskModFn, as_mask, full
 
 __all__ = ["MultiheadFlexAttention", "ScoreModFn"]
 
@@ -157,6 +158,8 @@ class MultiheadFlexAttention(nn.Module):
         context: Tensor | None = None,
         *,
         mask: MaskModFn | BlockMask | None = None,
+        cache: KVCache | None = None,
+        lengths: Tensor | None = None,
     ) -> Tensor:
         """Attend ``x`` to itself, or to ``context`` (cross-attention), under ``mask``.
 
@@ -169,12 +172,23 @@ class MultiheadFlexAttention(nn.Module):
             mask: a flexmask mask or mask_mod callable (the module builds and caches its
                 BlockMask for this shape and device), a ready ``BlockMask`` (its shape is
                 checked against the input), or None for no mask (every key visible).
+            cache: a ``KVCache``: this call's keys and values are appended to it and the queries
+                attend to everything cached. Query ``i`` of row ``b`` is position
+                ``cache.lengths[b] + i`` and ``mask`` is evaluated in those absolute positions
+                (prefill and decode, one token or a tree of candidates, are the same call).
+            lengths: with a cache, the real tokens of each row in this call (``[B]``, default
+                ``S``): right-padded prompts of different lengths; each row's cache advances by
+                its own count and padded queries get zeros.
         """
         self._check_input(x, context)
         bsz, s_q, _ = x.shape
         s_kv = s_q if context is None else context.shape[1]
         if mask is not None and not isinstance(mask, BlockMask):
             mask = as_mask(mask, name="forward(mask=...)")
+        if cache is not None:
+            return self._forward_cached(x, mask, cache, lengths, context)
+        if lengths is not None:
+            raise ValueError("forward(lengths=...) counts tokens written to a cache; pass cache=.")
         if isinstance(mask, BlockMask):
             self._check_block_mask(mask, bsz, s_q, s_kv)
 
@@ -182,6 +196,64 @@ class MultiheadFlexAttention(nn.Module):
         attend = self._flex if self._choose_backend(q) == "flex" else self._sdpa
         out = attend(q, k, v, mask)
         return self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.embed_dim))
+
+    def _forward_cached(
+        self,
+        x: Tensor,
+        mask: MaskMod | BlockMask | None,
+        cache: KVCache,
+        lengths: Tensor | None,
+        context: Tensor | None,
+    ) -> Tensor:
+        bsz, s_q, _ = x.shape
+        if not isinstance(cache, KVCache):
+            raise TypeError(
+                f"forward(cache=...) must be a flexmask.KVCache, got {type(cache).__name__}."
+            )
+        if context is not None:
+            raise ValueError("forward(cache=...) caches self-attention keys; it takes no context.")
+        cache.check_compatible(bsz, self.num_kv_heads, self.head_dim, x)
+        counts = self._check_lengths(lengths, bsz, s_q, x.device)
+        if isinstance(mask, BlockMask):
+            self._check_block_mask(mask, bsz, s_q, cache.max_len)
+        q, k, v = self.project(x)
+        start = cache.append(k, v, counts)  # raises before writing when the cache is full
+        step: Any = (
+            mask if isinstance(mask, BlockMask) else _CacheStep(mask or full(), start, counts)
+        )
+        if self._choose_backend(q) == "flex":
+            if not isinstance(step, BlockMask):  # built per call: O(S x max_len), no recompile
+                step = build_block_mask(
+                    step, s_q, cache.max_len, batch=bsz, block_size=self.block_size,
+                    device=q.device, cache=False,
+                )  # fmt: skip
+            out = self._flex(q, cache.k, cache.v, step)
+        else:
+            if not isinstance(step, BlockMask):
+                heads = self.num_heads if step.uses_heads else 1
+                step = to_dense(step, s_q, cache.max_len, batch=bsz, heads=heads, device=q.device)
+            out = self._sdpa(q, cache.k, cache.v, step)
+        return self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.embed_dim))
+
+    @staticmethod
+    def _check_lengths(lengths: Tensor | None, bsz: int, s_q: int, device: torch.device) -> Tensor:
+        if lengths is None:
+            return torch.full((bsz,), s_q, dtype=torch.long, device=device)
+        if (
+            not isinstance(lengths, Tensor)
+            or lengths.dtype.is_floating_point
+            or lengths.shape != (bsz,)
+        ):
+            raise ValueError(
+                f"forward(lengths=...) must be an integer tensor of shape [{bsz}] (real tokens per "
+                f"row), got {lengths!r}."
+            )
+        if int(lengths.min()) < 0 or int(lengths.max()) > s_q:
+            got = lengths.tolist()
+            raise ValueError(
+                f"forward(lengths=...) must lie in 0..{s_q} (this call's tokens), got {got}."
+            )
+        return lengths.to(device).long()
 
     # ----------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor, context: Tensor | None) -> None:
@@ -271,8 +343,8 @@ class MultiheadFlexAttention(nn.Module):
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
         bsz, nh, s_q, _ = q.shape
         s_kv = k.shape[2]
-        if mask is None:
-            dense = None
+        if mask is None or isinstance(mask, Tensor):  # a dense bool mask already
+            dense = mask
         elif isinstance(mask, BlockMask):
             dense = block_mask_to_dense(mask).to(q.device)
         else:

@@ -73,7 +73,8 @@ def block_mask(
         device: defaults to the mask's device, else torch's current accelerator, else CPU.
         compile: evaluate the mask with ``torch.compile(create_block_mask)`` (built once per
             process; seconds for the first call of each shape, then milliseconds). False runs
-            ``create_block_mask`` eagerly, which materialises the ``q_len x kv_len`` mask.
+            ``create_block_mask`` eagerly, which materialises the ``q_len x kv_len`` mask; so do
+            problems shorter than one block (a decode step), where that is cheap.
         cache: reuse the BlockMask of an equal earlier call. Scalar masks (``causal() &
             sliding_window(256)``) are keyed by value; masks holding tensors and plain functions
             by identity (flexmask copies tensors into masks, so they cannot change under the key).
@@ -102,7 +103,9 @@ def block_mask(
         return hit
     bound = m.bind(q_len, kv_len)  # validates tensor sizes against the lengths
 
-    if compile:
+    # Shorter than a block, the eager build is cheap (at most block_size x kv_len) and torch
+    # 2.13's CPU inductor miscompiles the compiled builder there (a C++ type error).
+    if compile and min(q_len, kv_len) >= block_size:
         # Hand compiled code a plain closure: torch guards a callable *object* by identity, so
         # every new mask would recompile; a closure is guarded by its code and captured tensors.
         def mask_fn(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:

@@ -799,9 +799,10 @@ class _Document(MaskMod):
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         ids = self.doc_ids
-        if ids.dim() == 1:
-            return ids[q_idx] == ids[kv_idx]
-        return ids[b, q_idx] == ids[b, kv_idx]
+        n = ids.shape[-1]  # positions past the ids (a longer KV cache) belong to no document
+        q, kv = q_idx.clamp(max=n - 1), kv_idx.clamp(max=n - 1)
+        same = ids[q] == ids[kv] if ids.dim() == 1 else ids[b, q] == ids[b, kv]
+        return same & (q_idx < n) & (kv_idx < n)
 
     def _expr(self) -> str:
         arg = "lengths" if self.name == "packed" else "doc_ids"
@@ -952,7 +953,9 @@ class _Tree(MaskMod):
         qi = q_idx - self.ctx
         ki = kv_idx - self.ctx
         in_context = (ki < 0) & (kv_idx <= q_idx)  # context keys, causally (tree nodes see all)
-        in_tree = (qi >= 0) & (ki >= 0) & self.ancestors[qi.clamp(min=0), ki.clamp(min=0)]
+        last = self.ancestors.shape[0] - 1  # positions past the tree (a longer KV cache): none
+        inside = (qi >= 0) & (ki >= 0) & (qi <= last) & (ki <= last)
+        in_tree = inside & self.ancestors[qi.clamp(0, last), ki.clamp(0, last)]
         return in_context | in_tree
 
     def _expr(self) -> str:
@@ -1131,7 +1134,9 @@ class _Tokens(MaskMod):
         self.real = real  # bool [B, S]
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return self.real[b, q_idx] & self.real[b, kv_idx]
+        n = self.real.shape[1]  # positions past the mask (a longer KV cache) are not tokens
+        real = self.real[b, q_idx.clamp(max=n - 1)] & self.real[b, kv_idx.clamp(max=n - 1)]
+        return real & (q_idx < n) & (kv_idx < n)
 
     def _expr(self) -> str:
         return f"from_hf_attention_mask({_fmt_tensor(self.real.long())})"

@@ -1,0 +1,197 @@
+"""``KVCache``: preallocated keys and values for decoding with ``MultiheadFlexAttention``.
+
+Each batch row has its own length, so prompts of different lengths need no left padding: row
+``b``'s next tokens go to positions ``lengths[b], lengths[b] + 1, ...``. A call's queries sit at
+those absolute positions, and the mask is evaluated there (``_CacheStep``), with the keys past
+each row's length masked out. The step mask captures the lengths as tensors, so every decode
+step of one shape reuses one compiled BlockMask builder and one compiled flex kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .masks import MaskMod
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated to ``max_len`` positions per row.
+
+    Shapes: ``k``, ``v``: ``[batch, num_kv_heads, max_len, head_dim]``; ``lengths``:
+    ``LongTensor[batch]``, the positions written in each row.
+
+    Example:
+        >>> import torch, flexmask as fm
+        >>> attn = fm.MultiheadFlexAttention(32, 4, num_kv_heads=2, backend="sdpa")
+        >>> cache = fm.KVCache(2, 16, 2, 8)
+        >>> x = torch.randn(2, 5, 32)
+        >>> y = attn(x, mask=fm.causal(), cache=cache, lengths=torch.tensor([5, 3]))
+        >>> cache.lengths.tolist()  # row 1 had 3 real tokens: its next token goes to position 3
+        [5, 3]
+        >>> y = attn(torch.randn(2, 1, 32), mask=fm.causal(), cache=cache)
+        >>> cache.lengths.tolist()
+        [6, 4]
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        for name, value in (("batch", batch), ("max_len", max_len),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"KVCache({name}=...) must be a positive int, got {value!r}.")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"KVCache(dtype=...) must be a floating dtype, got {dtype!r}.")
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=self.k.device)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[3]
+
+    def __repr__(self) -> str:
+        b, h, n, d = self.k.shape
+        return (f"KVCache(batch={b}, max_len={n}, num_kv_heads={h}, head_dim={d}, "
+                f"dtype={self.k.dtype}, lengths={self.lengths.tolist()})")  # fmt: skip
+
+    def reset(self) -> None:
+        """Forget every position (the memory stays allocated)."""
+        self.lengths.zero_()
+
+    def select(self, positions: Tensor | None = None, *, rows: Tensor | None = None) -> None:
+        """Keep only some positions, or reorder rows.
+
+        Args:
+            positions: ``[N]`` positions kept in every row, or ``[B, N]`` per row, moved to the
+                front in that order; each row's length becomes ``N`` (after verifying a tree of
+                candidates: the context and the accepted path).
+            rows: ``[B']`` rows to keep, in their new order (beam search).
+        """
+        if rows is not None:
+            idx = self._index(rows, "rows", self.batch, ranks=(1,))
+            self.k, self.v, self.lengths = self.k[idx], self.v[idx], self.lengths[idx]
+        if positions is None:
+            return
+        pos = self._index(positions, "positions", self.max_len, ranks=(1, 2))
+        pos = pos.expand(self.batch, -1) if pos.dim() == 1 else pos
+        if pos.shape[0] != self.batch:
+            raise ValueError(
+                f"KVCache.select(positions=...) has {pos.shape[0]} rows but the cache has "
+                f"{self.batch}; give [N] positions for every row or [{self.batch}, N]."
+            )
+        if bool((pos >= self.lengths[:, None]).any()):
+            raise ValueError(
+                f"KVCache.select(positions=...) names positions that were never written (row "
+                f"lengths {self.lengths.tolist()})."
+            )
+        n = pos.shape[1]
+        gather = pos[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
+        self.k[:, :, :n] = self.k.gather(2, gather)
+        self.v[:, :, :n] = self.v.gather(2, gather)
+        self.lengths.fill_(n)
+
+    def append(self, k: Tensor, v: Tensor, counts: Tensor) -> Tensor:
+        """Write ``k``, ``v`` (``[B, H_kv, S, D]``) at each row's length; rows advance by
+        ``counts`` (``[B]``, real tokens of this call; the rest are padding, overwritten later).
+        Returns the lengths before the write: the position of each row's first new token."""
+        s = k.shape[2]
+        if bool((self.lengths + s > self.max_len).any()):
+            raise ValueError(
+                f"KVCache is full: writing {s} positions after lengths {self.lengths.tolist()} "
+                f"would pass max_len={self.max_len}; make a longer cache or reset() it."
+            )
+        start = self.lengths.clone()
+        pos = (start[:, None] + torch.arange(s, device=start.device))[:, None, :, None]
+        pos = pos.expand(-1, self.num_kv_heads, -1, self.head_dim)
+        self.k.scatter_(2, pos, k.to(self.k.dtype))
+        self.v.scatter_(2, pos, v.to(self.v.dtype))
+        self.lengths += counts
+        return start
+
+    def check_compatible(self, batch: int, num_kv_heads: int, head_dim: int, like: Tensor) -> None:
+        """Raise when this cache cannot serve a module's call (before anything is written)."""
+        want = (batch, num_kv_heads, head_dim, like.dtype, like.device)
+        got = (self.batch, self.num_kv_heads, self.head_dim, self.k.dtype, self.k.device)
+        if want[:3] != got[:3] or want[3] != got[3] or want[4].type != got[4].type:
+            raise ValueError(
+                f"forward(cache=...) holds batch={got[0]}, num_kv_heads={got[1]}, "
+                f"head_dim={got[2]}, dtype={got[3]}, device={got[4]} but this call needs "
+                f"batch={want[0]}, num_kv_heads={want[1]}, head_dim={want[2]}, dtype={want[3]}, "
+                f"device={want[4]}; make it with KVCache({want[0]}, max_len, {want[1]}, "
+                f"{want[2]}, dtype={want[3]}, device=...)."
+            )
+
+    def _index(self, value: Any, name: str, bound: int, ranks: tuple[int, ...]) -> Tensor:
+        call = f"KVCache.select({name}=...)"
+        if (
+            not isinstance(value, Tensor)
+            or value.dtype.is_floating_point
+            or value.dim() not in ranks
+        ):
+            shapes = " or ".join(f"{r}-D" for r in ranks)
+            raise TypeError(f"{call} needs a {shapes} integer tensor, got {value!r}.")
+        if value.numel() and (int(value.min()) < 0 or int(value.max()) >= bound):
+            raise ValueError(f"{call} must lie in 0..{bound - 1}, got {value.tolist()}.")
+        return value.to(self.k.device).long()
+
+
+class _CacheStep(MaskMod):
+    """One call's mask over the cache: query ``i`` of row ``b`` is position ``start[b] + i``
+    (real iff ``i < count[b]``), keys are positions ``0..max_len-1``, valid below
+    ``start[b] + count[b]``; ``inner`` is the user's mask in absolute positions."""
+
+    def __init__(self, inner: MaskMod, start: Tensor, count: Tensor) -> None:
+        self.inner = inner
+        self.start = start
+        self.count = count
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        s, n = self.start[b], self.count[b]
+        keep = self.inner(b, h, q_idx + s, kv_idx)
+        return keep & (q_idx < n) & (kv_idx < s + n)
+
+    def _expr(self) -> str:
+        return f"{self.inner!r} on a KV cache (lengths {(self.start + self.count).tolist()})"
+
+    def _own_tensors(self) -> list[Tensor]:
+        return [self.start, self.count, *self.inner.tensors()]
+
+    def _own_batch(self) -> int | None:
+        return self.start.shape[0]
+
+    def _opaque(self) -> bool:
+        return self.inner.uses_heads
+
+    def _moved(self, device: torch.device) -> MaskMod:
+        return _CacheStep(self.inner.to(device), self.start.to(device), self.count.to(device))
+
+    def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
+        # The inner mask sees absolute positions up to kv_len; masks holding per-position tensors
+        # treat positions past them as empty, so nothing needs binding here.
+        return self
