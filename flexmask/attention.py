@@ -32,8 +32,10 @@ _warned_cpu_backward = False
 
 @functools.cache
 def _compiled_flex() -> Callable[..., Tensor]:
-    # Built on first use, never at import (compiling flex costs seconds).
-    return torch.compile(flex_attention)
+    # Built on first use, never at import (compiling flex costs seconds). Static shapes: a KV
+    # cache keeps them fixed, and torch 2.13's dynamic-shape CPU flex kernel fails to compile
+    # (undeclared `cur_kvSplitSize2`) once a second shape is seen.
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class MultiheadFlexAttention(nn.Module):

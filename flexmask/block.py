@@ -305,13 +305,14 @@ def check(
     block_size: int = 128,
     device: torch.device | str | None = None,
     compile: bool = True,
+    q_offset: int | Tensor = 0,
 ) -> list[str]:
     """Problems a mask has at this size, in words; an empty list when all is well.
 
     Looks for: a mask_mod that fails under vmap (Python ``if``/``and`` on tensors, ``.item()``),
     query rows that see no key (their attention output is zeros), and a mask that ignores ``b`` or
     ``h`` although ``batch``/``heads`` were asked (one shared row would do, at a fraction of the
-    memory).
+    memory). ``q_offset`` checks queries after a cache (``kv_len - q_len`` for a decode step).
 
     Example:
         >>> import flexmask as fm
@@ -320,7 +321,7 @@ def check(
         >>> fm.check(fm.causal() & fm.padding([60]), 64, device="cpu", compile=False)
         ['4 of 64 query rows see no key (they get zeros): b=0 rows 60..63']
     """
-    m = as_mask(mask)
+    m = with_offset(as_mask(mask), q_offset)
     kv_len = check_lengths(q_len, kv_len)
     nb = resolve_batch(m, batch) or 1
     nh = check_count(heads, "heads") or 1
