@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .masks import MaskMod
+from .masks import MaskMod, MaskModFn, as_mask
 
 __all__ = ["KVCache"]
 
@@ -116,6 +116,22 @@ class KVCache:
         self.v[:, :, :n] = self.v.gather(2, gather)
         self.lengths.fill_(n)
 
+    def step_mask(self, mask: MaskModFn, q_len: int = 1) -> MaskMod:
+        """The mask the next call of ``q_len`` tokens per row evaluates, over ``q_len x max_len``:
+        ``mask`` at the rows' next positions, keys past each row's new length masked. For
+        drawing or ``check``-ing a decode step before running it.
+
+        Example:
+            >>> import flexmask as fm
+            >>> cache = fm.KVCache(1, 6, 1, 4)
+            >>> cache.lengths.fill_(3)  # doctest: +ELLIPSIS
+            tensor([3])
+            >>> print(fm.to_ascii(cache.step_mask(fm.sliding_window(2)), 1, 6))
+            ⬚ ⬚ ■ ■ ⬚ ⬚
+        """
+        counts = torch.full_like(self.lengths, _count(q_len))
+        return _CacheStep(as_mask(mask, name="step_mask(mask)"), self.lengths.clone(), counts)
+
     def append(self, k: Tensor, v: Tensor, counts: Tensor) -> Tensor:
         """Write ``k``, ``v`` (``[B, H_kv, S, D]``) at each row's length; rows advance by
         ``counts`` (``[B]``, real tokens of this call; the rest are padding, overwritten later).
@@ -159,6 +175,12 @@ class KVCache:
         if value.numel() and (int(value.min()) < 0 or int(value.max()) >= bound):
             raise ValueError(f"{call} must lie in 0..{bound - 1}, got {value.tolist()}.")
         return value.to(self.k.device).long()
+
+
+def _count(q_len: object) -> int:
+    if isinstance(q_len, bool) or not isinstance(q_len, int) or q_len < 1:
+        raise ValueError(f"KVCache.step_mask(q_len=...) must be a positive int, got {q_len!r}.")
+    return q_len
 
 
 class _CacheStep(MaskMod):
