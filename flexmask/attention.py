@@ -162,6 +162,7 @@ class MultiheadFlexAttention(nn.Module):
         mask: MaskModFn | BlockMask | None = None,
         cache: KVCache | None = None,
         lengths: Tensor | None = None,
+        padding_side: str = "right",
     ) -> Tensor:
         """Attend ``x`` to itself, or to ``context`` (cross-attention), under ``mask``.
 
@@ -179,8 +180,10 @@ class MultiheadFlexAttention(nn.Module):
                 ``cache.lengths[b] + i`` and ``mask`` is evaluated in those absolute positions
                 (prefill and decode, one token or a tree of candidates, are the same call).
             lengths: with a cache, the real tokens of each row in this call (``[B]``, default
-                ``S``): right-padded prompts of different lengths; each row's cache advances by
-                its own count and padded queries get zeros.
+                ``S``): prompts of different lengths; each row's cache advances by its own
+                count (pads never enter it) and padded queries get zeros.
+            padding_side: where this call's pads are with ``lengths``: ``"right"`` (after the
+                tokens) or ``"left"`` (before them, as tokenizers pad for generation).
         """
         self._check_input(x, context)
         bsz, s_q, _ = x.shape
@@ -188,6 +191,19 @@ class MultiheadFlexAttention(nn.Module):
         if mask is not None and not isinstance(mask, BlockMask):
             mask = as_mask(mask, name="forward(mask=...)")
         if cache is not None:
+            if padding_side not in ("right", "left"):
+                raise ValueError(
+                    f"forward(padding_side=...) must be 'right' or 'left', got {padding_side!r}."
+                )
+            if padding_side == "left" and lengths is not None:
+                # Rotate each row's real tokens to the front, run right-padded, rotate back.
+                counts = self._check_lengths(lengths, bsz, s_q, x.device)
+                shift = (s_q - counts)[:, None]
+                ar = torch.arange(s_q, device=x.device)
+                to_right = ((ar + shift) % s_q)[:, :, None].expand_as(x)
+                y = self._forward_cached(x.gather(1, to_right), mask, cache, counts, context)
+                back = ((ar - shift) % s_q)[:, :, None].expand_as(y)
+                return y.gather(1, back)
             return self._forward_cached(x, mask, cache, lengths, context)
         if lengths is not None:
             raise ValueError("forward(lengths=...) counts tokens written to a cache; pass cache=.")

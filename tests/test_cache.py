@@ -146,6 +146,27 @@ def test_tree_verification_then_select_equals_decoding_the_path():
                                    model(nxt, torch.tensor([[n]]), fm.causal(), plain), atol=1e-5, rtol=0)  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_left_padded_prompts_equal_right_padded_ones(backend):
+    attn = fm.MultiheadFlexAttention(DIM, HEADS, num_kv_heads=KV_HEADS, backend=backend).eval()
+    lens = torch.tensor([5, 2, 4])
+    x = torch.randn(3, 5, DIM)
+    left = torch.zeros_like(x)
+    for i, n in enumerate(lens.tolist()):
+        left[i, 5 - n :] = x[i, :n]
+    caches = [fm.KVCache(3, 16, KV_HEADS, DIM // HEADS) for _ in range(2)]
+    with torch.no_grad():
+        right_out = attn(x, mask=fm.causal(), cache=caches[0], lengths=lens)
+        left_out = attn(left, mask=fm.causal(), cache=caches[1], lengths=lens, padding_side="left")
+        step = torch.randn(3, 1, DIM)
+        steps = [attn(step, mask=fm.causal(), cache=c) for c in caches]
+    for i, n in enumerate(lens.tolist()):
+        torch.testing.assert_close(left_out[i, 5 - n :], right_out[i, :n], atol=1e-6, rtol=0)
+        assert bool((left_out[i, : 5 - n] == attn.out_proj.bias).all())  # pad queries: zeros
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == [6, 3, 5]
+    torch.testing.assert_close(steps[0], steps[1], atol=1e-6, rtol=0)
+
+
 def test_select_reorders_rows_for_beams():
     cache = fm.KVCache(3, 8, 1, 2)
     k = torch.arange(3.0)[:, None, None, None].expand(3, 1, 2, 2)
