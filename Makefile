@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install figures figures-check test test-slow test-all lint format typecheck nb demo bench-viz bench-hf bench-decode check clean
+.PHONY: install figures figures-check test test-slow test-all lint format typecheck nb demo bench-viz bench-hf bench-decode bench-blocks check clean
 
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels on a CPU machine.
 $(STAMP): pyproject.toml
@@ -50,6 +50,9 @@ demo: $(STAMP)  ## every factory's BlockMask described at 4096 tokens, the modul
 
 bench-viz: $(STAMP)  ## time and peak memory of drawing 16k-131k token masks
 	$(PY) benchmarks/viz_large.py
+
+bench-blocks: $(STAMP)  ## BlockMask building: tile builder vs torch's create_block_mask
+	$(PY) benchmarks/block_build.py
 
 bench-decode: $(STAMP)  ## decode-step latency with a KVCache: flex vs SDPA with the dense step mask
 	$(PY) benchmarks/decode.py

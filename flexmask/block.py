@@ -12,8 +12,15 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from ._checks import check_block_size, check_count, check_lengths, resolve_batch, resolve_device
-from .convert import block_kinds, evaluate_tiles, partial_tiles, to_dense, with_offset
-from .masks import MaskMod, MaskModFn, as_mask
+from .convert import (
+    block_kinds,
+    evaluate_tiles,
+    partial_tiles,
+    tile_counts,
+    to_dense,
+    with_offset,
+)
+from .masks import MaskMod, MaskModFn, Tiles, as_mask
 
 __all__ = ["MaskStats", "block_mask", "cache_info", "check", "clear_cache", "describe"]
 
@@ -40,6 +47,7 @@ class _LRU(OrderedDict[tuple[object, ...], object]):
 _BLOCK_MASKS = _LRU(64)
 _DENSE_MASKS = _LRU(4)  # dense masks are q_len x kv_len bytes each: keep few
 RECOMPILE_LIMIT = 256  # graphs per compiled function: one per mask structure
+METHODS = ("auto", "tiles", "create_block_mask")
 
 
 @functools.cache
@@ -60,6 +68,7 @@ def block_mask(
     compile: bool = True,
     cache: bool = True,
     q_offset: int | Tensor = 0,
+    method: str = "auto",
 ) -> BlockMask:
     """Build the FlexAttention ``BlockMask`` of ``mask`` for a ``q_len x kv_len`` problem.
 
@@ -80,6 +89,12 @@ def block_mask(
             by identity (flexmask copies tensors into masks, so they cannot change under the key).
         q_offset: the queries' first position, ``shifted(mask, q_offset)`` (decoding after a
             cache: ``kv_len - q_len``).
+        method: how blocks are classified. ``"tiles"``: from the mask's structure
+            (``MaskMod.tile_bounds``), evaluating the mask only on the blocks its structure
+            leaves undecided (the diagonal of a causal mask, document boundaries): no compile,
+            no ``q_len x kv_len`` tensor; for masks made of flexmask factories.
+            ``"create_block_mask"``: torch's builder (compiled when ``compile``). ``"auto"``:
+            tiles unless the mask holds a plain callable. Both give the same BlockMask.
 
     Returns:
         A ``BlockMask`` whose ``mask_mod`` is the (bound) flexmask mask.
@@ -96,16 +111,25 @@ def block_mask(
     heads = check_count(heads, "heads")
     block_size = check_block_size(block_size)
     dev = resolve_device(m, device)
+    if method not in METHODS:
+        raise ValueError(f"block_mask(method=...) must be one of {METHODS}, got {method!r}.")
+    if method == "tiles" and m.uses_heads:
+        raise ValueError(
+            f"block_mask(method='tiles') needs a mask made of flexmask factories, but {m!r} holds "
+            "a plain callable, whose structure is unknown; use method='create_block_mask'."
+        )
 
-    key = (m, q_len, kv_len, bsz, heads, block_size, str(dev))
+    key = (m, q_len, kv_len, bsz, heads, block_size, str(dev), method)
     hit = _BLOCK_MASKS.get_recent(key) if cache else None
     if isinstance(hit, BlockMask):  # an equal mask was bound and checked when it was built
         return hit
     bound = m.bind(q_len, kv_len)  # validates tensor sizes against the lengths
 
+    if method == "tiles" or (method == "auto" and not m.uses_heads):
+        result = _tiled_block_mask(bound, bsz, heads, q_len, kv_len, block_size, dev)
     # Shorter than a block, the eager build is cheap (at most block_size x kv_len) and torch
     # 2.13's CPU inductor miscompiles the compiled builder there (a C++ type error).
-    if compile and min(q_len, kv_len) >= block_size:
+    elif compile and min(q_len, kv_len) >= block_size:
         # Hand compiled code a plain closure: torch guards a callable *object* by identity, so
         # every new mask would recompile; a closure is guarded by its code and captured tensors.
         def mask_fn(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -122,6 +146,46 @@ def block_mask(
     if cache:
         _BLOCK_MASKS.put(key, result)
     return result
+
+
+def _tiled_block_mask(
+    mask: MaskMod,
+    batch: int | None,
+    heads: int | None,
+    q_len: int,
+    kv_len: int,
+    block_size: int,
+    device: torch.device,
+) -> BlockMask:
+    """The BlockMask ``create_block_mask`` would build: blocks classified by the mask's tile
+    bounds, and by exact counts on the blocks those leave undecided (none when they are exact)."""
+    fulls, partials = [], []
+    for b in range(batch or 1):
+        if mask.exact_bounds:
+            tiles = Tiles(b, block_size, q_len, kv_len, device)
+            all_true, any_true = mask.tile_bounds(tiles)
+            full = all_true & (tiles.area() == block_size * block_size)
+            partial = any_true & ~full
+        else:
+            counts = tile_counts(mask, q_len, kv_len, block_size, b=b, device=device)
+            full = counts == block_size * block_size  # a cut tail block is never full
+            partial = (counts > 0) & ~full
+        fulls.append(full)
+        partials.append(partial)
+    full, partial = torch.stack(fulls)[:, None], torch.stack(partials)[:, None]  # [B, 1, QB, KVB]
+    if heads is not None:  # the mask ignores h: every head the same
+        full, partial = full.expand(-1, heads, -1, -1), partial.expand(-1, heads, -1, -1)
+    num, idx = _ordered(partial)
+    full_num, full_idx = _ordered(full)
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=mask, seq_lengths=(q_len, kv_len))  # fmt: skip
+
+
+def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """Counts and indices of a ``[B, H, QB, KVB]`` bool grid, as torch orders them."""
+    dense = blocks.to(torch.int32)
+    indices = torch.argsort(dense, dim=-1, descending=True, stable=True)
+    return dense.sum(-1).to(torch.int32), indices.to(torch.int32).contiguous()
 
 
 def cached_dense(

@@ -206,6 +206,12 @@ class MaskMod:
     def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
         return self
 
+    @property
+    def exact_bounds(self) -> bool:
+        """Whether ``tile_bounds`` is exact: a tile that is neither all-allowed nor all-masked
+        is then known to be mixed, without evaluating it."""
+        return False
+
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         """What the mask is certain of on each tile, without evaluating it element by element.
 
@@ -395,6 +401,10 @@ class _Not(_Composite):
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return ~self.parts[0](b, h, q_idx, kv_idx)
 
+    @property
+    def exact_bounds(self) -> bool:
+        return self.parts[0].exact_bounds
+
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         all_true, any_true = self.parts[0].tile_bounds(tiles)
         return ~any_true, ~all_true
@@ -529,6 +539,10 @@ class _Full(MaskMod):
     def _key(self) -> tuple[Any, ...]:
         return ()
 
+    @property
+    def exact_bounds(self) -> bool:
+        return True
+
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         true = torch.ones_like(tiles.q0 + tiles.k0, dtype=torch.bool)
         return true, true
@@ -564,6 +578,10 @@ class _Causal(MaskMod):
     def _key(self) -> tuple[Any, ...]:
         return ()
 
+    @property
+    def exact_bounds(self) -> bool:
+        return True
+
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         return tiles.k1 <= tiles.q0, tiles.k0 <= tiles.q1
 
@@ -598,6 +616,10 @@ class _SlidingWindow(MaskMod):
 
     def _key(self) -> tuple[Any, ...]:
         return (self.window,)
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
 
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         t, w = tiles, self.window
@@ -657,6 +679,10 @@ class _PrefixLM(MaskMod):
     def _moved(self, device: torch.device) -> MaskMod:
         p = self.prefix_len
         return _PrefixLM(p.to(device)) if isinstance(p, Tensor) else self
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
 
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         t, p = tiles, self.prefix_len
@@ -745,6 +771,10 @@ class _Padding(MaskMod):
             return self
         return _Padding(self.lengths, "left", kv_len - self.lengths)
 
+    @property
+    def exact_bounds(self) -> bool:
+        return self.side == "right" or self.start is not None
+
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         t = tiles
         if self.side == "right":
@@ -828,6 +858,12 @@ class _Document(MaskMod):
             )
         return self
 
+    @property
+    def exact_bounds(self) -> bool:
+        # Sorted ids (packed documents): id ranges that overlap share an id; unsorted may not.
+        ids = self.doc_ids
+        return bool((ids[..., 1:] >= ids[..., :-1]).all())
+
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         ids = self.doc_ids if self.doc_ids.dim() == 1 else self.doc_ids[tiles.b]
         q_lo, q_hi = tiles.span(ids, 0)
@@ -908,6 +944,10 @@ class _Chunked(MaskMod):
 
     def _key(self) -> tuple[Any, ...]:
         return (self.chunk,)
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
 
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         t, c = tiles, self.chunk
@@ -1085,6 +1125,10 @@ class _Shifted(MaskMod):
         bound = self.inner.bind(frame_q, frame_kv)
         return self if bound is self.inner else _Shifted(bound, self.q_offset, self.kv_offset)
 
+    @property
+    def exact_bounds(self) -> bool:
+        return self.inner.exact_bounds
+
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         return self.inner.tile_bounds(tiles.shifted(int(self.q_offset), self.kv_offset))
 
@@ -1159,6 +1203,10 @@ class _Tokens(MaskMod):
                 f"position ({max(q_len, kv_len)}), the cached ones included."
             )
         return self
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
 
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         real = self.real[tiles.b].long()

@@ -1,5 +1,7 @@
 """block_mask against the dense oracle block by block; the cache; describe and check."""
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given
@@ -31,6 +33,41 @@ def test_block_mask_agrees_with_dense_block_by_block(problem):
     assert torch.equal(kinds, want.expand_as(kinds))
     dense = fm.block_mask_to_dense(bm)[:, 0]
     assert torch.equal(dense, oracle.expand_as(dense))
+
+
+@given(problems(), st.sampled_from([None, 3]))
+def test_tiles_build_the_same_block_mask_as_torch(problem, heads):
+    mask, _, q, kv, block = problem
+    kw = dict(block_size=block, device="cpu", cache=False, heads=heads)
+    tiles = fm.block_mask(mask, q, kv, method="tiles", **kw)
+    torch_bm = fm.block_mask(mask, q, kv, method="create_block_mask", compile=False, **kw)
+    assert tiles.shape == torch_bm.shape and tiles.BLOCK_SIZE == torch_bm.BLOCK_SIZE
+    tables = ["kv", "full_kv", "q", "full_q"]
+    for num, idx in ((f"{t}_num_blocks", f"{t}_indices") for t in tables):
+        a_num, b_num = getattr(tiles, num), getattr(torch_bm, num)
+        assert torch.equal(a_num, b_num), num
+        a_idx, b_idx = getattr(tiles, idx), getattr(torch_bm, idx)
+        valid = torch.arange(a_idx.shape[-1]) < a_num[..., None]  # the same sets per row
+        big = a_idx.shape[-1] + 1
+        a_sorted = torch.where(valid, a_idx, big).sort(-1).values
+        b_sorted = torch.where(valid, b_idx[..., : a_idx.shape[-1]], big).sort(-1).values
+        assert torch.equal(a_sorted, b_sorted), idx
+
+
+def test_tiles_refuse_plain_callables():
+    def causal_fn(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    with pytest.raises(
+        ValueError, match=r"method='tiles'\) needs a mask made of flexmask factories"
+    ):
+        fm.block_mask(causal_fn, 64, device="cpu", method="tiles")
+    with pytest.raises(ValueError, match=r"block_mask\(method=...\) must be one of"):
+        fm.block_mask(fm.causal(), 64, device="cpu", method="fast")
+    auto = fm.block_mask(causal_fn, 64, block_size=16, device="cpu", compile=False)  # falls back
+    assert torch.equal(
+        block_kinds(auto), block_kinds(fm.block_mask(fm.causal(), 64, block_size=16, device="cpu"))
+    )
 
 
 def test_block_mask_shapes_follow_batch_and_heads():
@@ -122,8 +159,9 @@ def test_check_reports_masks_that_fail_under_vmap():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_compiled_build_equals_eager(name):
     mask, _ = CASES[name](300, 300)
-    compiled = fm.block_mask(mask, 300, block_size=128, device="cpu", compile=True, cache=False)
-    eager = fm.block_mask(mask, 300, block_size=128, device="cpu", compile=False, cache=False)
+    kw = dict(block_size=128, device="cpu", cache=False, method="create_block_mask")
+    compiled = fm.block_mask(mask, 300, compile=True, **kw)
+    eager = fm.block_mask(mask, 300, compile=False, **kw)
     assert torch.equal(block_kinds(compiled), block_kinds(eager))
     assert torch.equal(fm.block_mask_to_dense(compiled), fm.block_mask_to_dense(eager))
 
@@ -132,7 +170,8 @@ def test_compiled_build_equals_eager(name):
 def test_new_tensor_values_never_recompile():
     """Changing lengths, document ids, parents or a tensor prefix at fixed shapes: no recompile."""
     S = 256
-    fm.block_mask(fm.causal(), S, device="cpu")  # compile the builder once first
+    build = functools.partial(fm.block_mask, device="cpu", method="create_block_mask")
+    build(fm.causal(), S)  # compile the builder once first
     for make in (
         lambda i: fm.causal() & fm.padding([S - i, 10 + i]),
         lambda i: fm.causal() & fm.padding([S - i, 10 + i], side="left"),
@@ -141,10 +180,10 @@ def test_new_tensor_values_never_recompile():
         lambda i: fm.prefix_lm(torch.tensor(3 + i)),
         lambda i: fm.shifted(fm.sliding_window(40), torch.tensor(5 * i)),  # decode offsets
     ):
-        fm.block_mask(make(0), S, device="cpu")  # first build of this structure compiles
+        build(make(0), S)  # first build of this structure compiles
         counters.clear()
         for i in range(1, 4):
             mask = make(i)
-            bm = fm.block_mask(mask, S, device="cpu")
+            bm = build(mask, S)
             assert torch.equal(fm.block_mask_to_dense(bm), fm.to_dense(mask, S, device="cpu"))
         assert counters["stats"]["unique_graphs"] == 0, f"recompiled for {make(1)!r}"

@@ -44,6 +44,9 @@ def test_tile_bounds_are_sound_and_counts_exact(problem):
     area = oracle_tiles(torch.ones(q, kv, dtype=torch.bool), size)
     assert bool((want[all_true] == area[all_true]).all())  # "all allowed" is never wrong
     assert bool((want[~any_true] == 0).all())  # "none allowed" is never wrong
+    if bound.exact_bounds:  # then an undecided tile is certainly mixed
+        mixed = any_true & ~all_true
+        assert bool(((want[mixed] > 0) & (want[mixed] < area[mixed])).all())
     assert torch.equal(tile_counts(mask, q, kv, size, b=b, device="cpu"), want)
 
 

@@ -1,0 +1,94 @@
+"""BlockMask building: flexmask's tile builder vs torch's create_block_mask (compiled, steady
+state; and eager): ``make bench-blocks``. Writes ``benchmarks/results/block_build.{json,md}``.
+
+The tile builder classifies blocks from each mask's structure (``MaskMod.tile_bounds``) and
+evaluates the mask only on blocks that stay undecided, so it neither compiles nor materialises
+``q_len x kv_len``. Methods run round-robin; medians of ``REPEATS`` after warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import flexmask as fm
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = [4096, 16384]
+REPEATS, WARMUP = 5, 2
+
+
+def masks(n: int) -> dict[str, fm.MaskMod]:
+    return {
+        "causal": fm.causal(),
+        "sliding_window(256)": fm.sliding_window(256),
+        "causal & padding": fm.causal() & fm.padding([n, n // 3]),
+        "8 documents & causal": fm.packed([n // 8] * 8) & fm.causal(),
+        "(window | prefix) & padding": (fm.sliding_window(512) | fm.prefix_lm(256))
+        & fm.padding([n, n // 2]),
+    }
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    rows = []
+    for n in SIZES:
+        for name, mask in masks(n).items():
+            methods = {
+                "tiles": lambda m=mask: fm.block_mask(
+                    m, n, device="cpu", cache=False, method="tiles"
+                ),
+                "compiled": lambda m=mask: fm.block_mask(
+                    m, n, device="cpu", cache=False, method="create_block_mask", compile=True
+                ),
+            }
+            if n <= 4096:  # eager materialises n x n per batch row (2.6 GiB at 16384)
+                methods["eager"] = lambda m=mask: fm.block_mask(
+                    m, n, device="cpu", cache=False, method="create_block_mask", compile=False
+                )
+            times: dict[str, list[float]] = {k: [] for k in methods}
+            for _ in range(WARMUP):  # compiles the builder for this mask structure
+                for fn in methods.values():
+                    fn()
+            for _ in range(REPEATS):
+                for k, fn in methods.items():
+                    times[k].append(timed(fn))
+            med = {k: statistics.median(t) * 1e3 for k, t in times.items()}
+            row = {
+                "tokens": n,
+                "mask": name,
+                **{f"{k}_ms": v for k, v in med.items()},
+                "compiled_over_tiles": med["compiled"] / med["tiles"],
+            }
+            rows.append(row)
+            print(
+                f"{n:>6} {name:<28} tiles {med['tiles']:8.1f} ms  compiled {med['compiled']:8.1f} ms"
+                f"  eager {med.get('eager', float('nan')):8.1f} ms  "
+                f"compiled/tiles {row['compiled_over_tiles']:.1f}x"
+            )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "block_build.json").write_text(json.dumps(rows, indent=1))
+    lines = [
+        "| tokens | mask | tiles ms | compiled create_block_mask ms | eager ms | compiled / tiles |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        eager = f"{r['eager_ms']:.1f}" if "eager_ms" in r else "—"
+        lines.append(
+            f"| {r['tokens']} | {r['mask']} | {r['tiles_ms']:.1f} | {r['compiled_ms']:.1f} "
+            f"| {eager} | {r['compiled_over_tiles']:.1f}x |"
+        )
+    (RESULTS / "block_build.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
