@@ -69,7 +69,8 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{n:>6} {name:<28} tiles {med['tiles']:8.1f} ms  "
-                f"compiled {med['compiled']:8.1f} ms  eager {med.get('eager', float('nan')):8.1f} ms  "
+                f"compiled {med['compiled']:8.1f} ms  "
+                f"eager {med.get('eager', float('nan')):8.1f} ms  "
                 f"compiled/tiles {row['compiled_over_tiles']:.1f}x"
             )
     RESULTS.mkdir(exist_ok=True)
