@@ -212,6 +212,18 @@ class MaskMod:
         is then known to be mixed, without evaluating it."""
         return False
 
+    @property
+    def exact_on_rectangles(self) -> bool:
+        """Whether ``tile_bounds`` stays exact on any rectangles (it reads only the tiles'
+        corners, not per-position tensors)."""
+        return self.exact_bounds and not self._own_tensors_by_position()
+
+    def _own_tensors_by_position(self) -> bool:
+        return any(leaf._per_position() for leaf in self.leaves())
+
+    def _per_position(self) -> bool:
+        return False
+
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         """What the mask is certain of on each tile, without evaluating it element by element.
 
@@ -246,6 +258,14 @@ class Tiles:
         k0 = torch.arange(0, kv_len, size, device=device)
         self.q0, self.q1 = q0[:, None], (q0 + size).clamp(max=q_len)[:, None] - 1
         self.k0, self.k1 = k0[None, :], (k0 + size).clamp(max=kv_len)[None, :] - 1
+
+    def clipped(self, lo: int, hi: int) -> Tiles:
+        """The tiles cut to positions ``[lo, hi)`` for queries and keys; empty tiles get a first
+        position after their last. Only for bounds that read the corners, not ``span``."""
+        out = copy.copy(self)
+        out.q0, out.q1 = self.q0.clamp(min=lo), self.q1.clamp(max=hi - 1)
+        out.k0, out.k1 = self.k0.clamp(min=lo), self.k1.clamp(max=hi - 1)
+        return out
 
     def shifted(self, dq: int, dk: int) -> Tiles:
         """The same tiles seen ``dq`` query and ``dk`` key positions further on."""
@@ -368,7 +388,27 @@ class _And(_Composite):
             out = out & part(b, h, q_idx, kv_idx)
         return out
 
+    def _split_boxes(self) -> tuple[list[_Padding], list[MaskMod]]:
+        boxes = [p for p in self.parts if isinstance(p, _Padding) and p.exact_bounds]
+        return boxes, [p for p in self.parts if not any(p is box for box in boxes)]
+
+    @property
+    def exact_bounds(self) -> bool:
+        # Padding is a box (real queries x real keys): the AND of boxes with one part whose
+        # bounds are exact on any rectangle is exact on the tiles clipped to the boxes.
+        boxes, rest = self._split_boxes()
+        return bool(boxes) and len(rest) <= 1 and all(p.exact_on_rectangles for p in rest)
+
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        if self.exact_bounds:
+            boxes, rest = self._split_boxes()
+            lo = max(box.box(tiles.b)[0] for box in boxes)
+            hi = min(box.box(tiles.b)[1] for box in boxes)
+            clipped = tiles.clipped(lo, hi)
+            a, n = rest[0].tile_bounds(clipped) if rest else (True, True)
+            inside = (tiles.q0 >= lo) & (tiles.q1 < hi) & (tiles.k0 >= lo) & (tiles.k1 < hi)
+            meets = (clipped.q0 <= clipped.q1) & (clipped.k0 <= clipped.k1)
+            return inside & a, meets & n
         all_true, any_true = self.parts[0].tile_bounds(tiles)
         for part in self.parts[1:]:
             a, n = part.tile_bounds(tiles)
@@ -775,6 +815,12 @@ class _Padding(MaskMod):
     def exact_bounds(self) -> bool:
         return self.side == "right" or self.start is not None
 
+    def box(self, b: int) -> tuple[int, int]:
+        """Real positions of row ``b``: ``[lo, hi)``, for queries and keys alike (bound)."""
+        if self.side == "right":
+            return 0, int(self.lengths[b])
+        return int(self.start[b]), 1 << 62  # type: ignore[index]
+
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         t = tiles
         if self.side == "right":
@@ -826,6 +872,9 @@ class _Document(MaskMod):
         self.doc_ids = doc_ids
         self.name = name
         self.shown = doc_ids if shown is None else shown  # what repr prints (packed: lengths)
+
+    def _per_position(self) -> bool:
+        return True
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         ids = self.doc_ids
@@ -1129,6 +1178,9 @@ class _Shifted(MaskMod):
     def exact_bounds(self) -> bool:
         return self.inner.exact_bounds
 
+    def _per_position(self) -> bool:
+        return self.inner._own_tensors_by_position()
+
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         return self.inner.tile_bounds(tiles.shifted(int(self.q_offset), self.kv_offset))
 
@@ -1176,6 +1228,9 @@ class _Tokens(MaskMod):
 
     def __init__(self, real: Tensor) -> None:
         self.real = real  # bool [B, S]
+
+    def _per_position(self) -> bool:
+        return True
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         n = self.real.shape[1]  # positions past the mask (a longer KV cache) are not tokens
