@@ -348,38 +348,60 @@ class MultiheadFlexAttention(nn.Module):
         return "flex"
 
     def _flex(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
-        if not isinstance(mask, BlockMask):
-            # Never flex's block_mask=None: on CPU that is one giant block, several times slower.
-            m = full() if mask is None else mask
-            mask = build_block_mask(
-                m, q.shape[2], k.shape[2],
-                batch=q.shape[0] if m.uses_batch else None,
-                heads=q.shape[1] if m.uses_heads else None,
-                block_size=self.block_size, device=q.device,
-            )  # fmt: skip
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one graph per mask
-            return _compiled_flex()(
-                q, k, v, score_mod=self.score_mod, block_mask=mask,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            )  # fmt: skip
+        return flex_attend(q, k, v, mask, block_size=self.block_size, score_mod=self.score_mod)
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
-        bsz, nh, s_q, _ = q.shape
-        s_kv = k.shape[2]
-        if mask is None or isinstance(mask, Tensor):  # a dense bool mask already
-            dense = mask
-        elif isinstance(mask, BlockMask):
-            dense = block_mask_to_dense(mask).to(q.device)
-        else:
-            dense = cached_dense(
-                mask, s_q, s_kv,
-                batch=bsz if mask.uses_batch else 1,
-                heads=nh if mask.uses_heads else 1, device=q.device,
-            )  # fmt: skip
+        dense = dense_mask_for(mask, q, k)
         p = self.dropout if self.training else 0.0
         if self.score_mod is not None:
             return _eager_attention(q, k, v, dense, self.score_mod, p)
         return masked_sdpa(q, k, v, dense, dropout_p=p)
+
+
+def flex_attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: MaskMod | BlockMask | None,
+    *,
+    block_size: int = 128,
+    score_mod: ScoreModFn | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Compiled ``flex_attention`` under a flexmask mask (its BlockMask built and cached for
+    these shapes), a ready BlockMask, or None (every key visible).
+
+    Shapes: q ``[B, H, S, D]``, k and v ``[B, H_kv, S_kv, D]``.
+    """
+    if not isinstance(mask, BlockMask):
+        # Never flex's block_mask=None: on CPU that is one giant block, several times slower.
+        m = full() if mask is None else mask
+        mask = build_block_mask(
+            m, q.shape[2], k.shape[2],
+            batch=q.shape[0] if m.uses_batch else None,
+            heads=q.shape[1] if m.uses_heads else None,
+            block_size=block_size, device=q.device,
+        )  # fmt: skip
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one graph per mask
+        return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
+                                enable_gqa=_gqa(q, k))  # fmt: skip
+
+
+def dense_mask_for(
+    mask: MaskMod | BlockMask | Tensor | None, q: Tensor, k: Tensor
+) -> Tensor | None:
+    """The boolean mask SDPA takes for queries ``q`` and keys ``k``: a flexmask mask evaluated
+    (and cached, so every layer shares it), a BlockMask expanded, a dense mask or None as is."""
+    if mask is None or isinstance(mask, Tensor):
+        return mask
+    if isinstance(mask, BlockMask):
+        return block_mask_to_dense(mask).to(q.device)
+    bsz, nh, s_q, _ = q.shape
+    return cached_dense(
+        mask, s_q, k.shape[2],
+        batch=bsz if mask.uses_batch else 1,
+        heads=nh if mask.uses_heads else 1, device=q.device,
+    )  # fmt: skip
 
 
 def masked_sdpa(

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import _compiled_flex, masked_sdpa
-from .block import RECOMPILE_LIMIT, block_mask, cached_dense
+from .attention import dense_mask_for, flex_attend, masked_sdpa
 from .convert import from_hf_attention_mask, to_hf_4d
 from .masks import MaskMod, as_mask, causal, full, shifted
 from .tree import Tree
@@ -174,14 +173,10 @@ def _attention_function(backend: str) -> Callable[..., tuple[Tensor, None]]:
             )
         use_flex = backend == "flex" or (backend == "auto" and query.device.type == "cuda")
         if use_flex and not (module.training and dropout):
-            out = _flex(query, key, value, mask, scaling)
+            out = flex_attend(query, key, value, mask, scale=scaling)
         else:
-            bsz, nh = query.shape[:2]
-            dense = cached_dense(
-                mask, q_len, kv_len, batch=bsz if mask.uses_batch else 1,
-                heads=nh if mask.uses_heads else 1, device=query.device,
-            )  # fmt: skip
-            out = masked_sdpa(query, key, value, dense, dropout_p=dropout, scale=scaling)
+            out = masked_sdpa(query, key, value, dense_mask_for(mask, query, key),
+                              dropout_p=dropout, scale=scaling)  # fmt: skip
         return out.transpose(1, 2).contiguous(), None  # [B, q_len, H, D], no weights
 
     return flexmask_attention
@@ -194,17 +189,6 @@ def _local(mask: MaskMod, q_len: int, kv_len: int) -> MaskMod:
             "positions of the key/value sequence."
         )
     return shifted(mask, kv_len - q_len) if kv_len > q_len else mask
-
-
-def _flex(q: Tensor, k: Tensor, v: Tensor, mask: MaskMod, scale: float | None) -> Tensor:
-    bm = block_mask(
-        mask, q.shape[2], k.shape[2],
-        batch=q.shape[0] if mask.uses_batch else None,
-        heads=q.shape[1] if mask.uses_heads else None, device=q.device,
-    )  # fmt: skip
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        return _compiled_flex()(q, k, v, block_mask=bm, scale=scale,
-                                enable_gqa=q.shape[1] != k.shape[1])  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
