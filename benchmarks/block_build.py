@@ -9,15 +9,14 @@ evaluates the mask only on blocks that stay undecided, so it neither compiles no
 from __future__ import annotations
 
 import functools
-import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from _results import save
 
 import flexmask as fm
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = [4096, 16384]
 REPEATS, WARMUP = 5, 2
 
@@ -73,21 +72,15 @@ def main() -> None:
                 f"eager {med.get('eager', float('nan')):8.1f} ms  "
                 f"compiled/tiles {row['compiled_over_tiles']:.1f}x"
             )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "block_build.json").write_text(json.dumps(rows, indent=1))
-    lines = [
-        "| tokens | mask | tiles ms | compiled create_block_mask ms | eager ms "
-        "| compiled / tiles |",
-        "|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        eager = f"{r['eager_ms']:.1f}" if "eager_ms" in r else "—"
-        lines.append(
-            f"| {r['tokens']} | {r['mask']} | {r['tiles_ms']:.1f} | {r['compiled_ms']:.1f} "
-            f"| {eager} | {r['compiled_over_tiles']:.1f}x |"
-        )
-    (RESULTS / "block_build.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(
+        "block_build", rows,
+        ["tokens", "mask", "tiles ms", "compiled create_block_mask ms", "eager ms",
+         "compiled / tiles"], "rlrrrr",
+        lambda r: [str(r["tokens"]), r["mask"], f"{r['tiles_ms']:.1f}", f"{r['compiled_ms']:.1f}",
+                   f"{r['eager_ms']:.1f}" if "eager_ms" in r else "—",
+                   f"{r['compiled_over_tiles']:.1f}x"],
+        repeats=REPEATS,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

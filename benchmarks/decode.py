@@ -8,17 +8,14 @@ medians over ``REPEATS`` steps after warm-up. Writes ``benchmarks/results/decode
 
 from __future__ import annotations
 
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _results import save
 
 import flexmask as fm
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CACHED = [1024, 4096, 16384]
 BATCHES = [1, 8]
 MASKS = {"causal": fm.causal(), "sliding_window(256)": fm.sliding_window(256)}
@@ -71,27 +68,14 @@ def main() -> None:
                     f"B={batch} cached={n:>5} {name:<20} flex {med['flex']:7.2f} ms  "
                     f"sdpa {med['sdpa']:7.2f} ms  sdpa/flex {row['sdpa_over_flex']:.2f}"
                 )
-    RESULTS.mkdir(exist_ok=True)
-    meta = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "repeats": REPEATS,
-        "embed": EMBED,
-        "heads": HEADS,
-    }
-    (RESULTS / "decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [
-        "| batch | cached tokens | mask | flex ms | SDPA (dense mask) ms | SDPA / flex |",
-        "|---:|---:|---|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['batch']} | {r['cached']} | {r['mask']} | {r['flex_ms']:.2f} | "
-        f"{r['sdpa_ms']:.2f} | {r['sdpa_over_flex']:.2f} |"
-        for r in rows
-    ]
-    (RESULTS / "decode.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(
+        "decode", rows,
+        ["batch", "cached tokens", "mask", "flex ms", "SDPA (dense mask) ms", "SDPA / flex"],
+        "rrlrrr",
+        lambda r: [str(r["batch"]), str(r["cached"]), r["mask"], f"{r['flex_ms']:.2f}",
+                   f"{r['sdpa_ms']:.2f}", f"{r['sdpa_over_flex']:.2f}"],
+        repeats=REPEATS, embed=EMBED, heads=HEADS,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

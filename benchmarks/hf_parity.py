@@ -8,16 +8,13 @@ backend, flexmask vs sdpa on a padded prefill and on cached greedy decode steps.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import transformers
+from _results import save
 
 import flexmask as fm
 import flexmask.hf as hf
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB, IMPLS, KINDS = 97, ("eager", "sdpa", "flexmask"), ("llama", "qwen2", "gpt2")
 TREES = {
     "tree (trie)": fm.Tree.from_paths([[5, 6, 7], [5, 6, 8], [5, 9], [40, 41]]),
@@ -133,8 +130,6 @@ def main() -> None:
                 )
             rows.append({"model": kind, "attention": impl, **cells})
             print(rows[-1])
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "hf_parity.json").write_text(json.dumps(rows, indent=1))
     cols = [
         "tree (trie)",
         "tree (duplicates)",
@@ -142,12 +137,9 @@ def main() -> None:
         "vs sdpa, prefill",
         "vs sdpa, cached decode",
     ]
-    lines = ["| model | attention | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
-    for r in rows:
-        cells = [f"{r[c]:.1e}" if c in r else "—" for c in cols]
-        lines.append(f"| {r['model']} | {r['attention']} | " + " | ".join(cells) + " |")
-    (RESULTS / "hf_parity.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save("hf_parity", rows, ["model", "attention", *cols], "ll" + "r" * len(cols),
+         lambda r: [r["model"], r["attention"], *(f"{r[c]:.1e}" if c in r else "—" for c in cols)],
+         transformers=transformers.__version__)  # fmt: skip
 
 
 if __name__ == "__main__":

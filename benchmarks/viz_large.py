@@ -9,7 +9,6 @@ warm draws. Writes ``benchmarks/results/viz_large.json`` and ``.md``.
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -18,9 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from _results import save
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = [16384, 65536, 131072]
 MASKS = {
     "causal & padding": "causal() & padding([{n}, {h}])",
@@ -84,26 +82,15 @@ def main() -> None:
         rows.append(
             {"mask": name, "expr": expr if len(expr) < 120 else name, "tokens": n, **result}
         )
-    RESULTS.mkdir(exist_ok=True)
-    meta = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpus": torch.get_num_threads(),
-        "repeats": REPEATS,
-    }
-    (RESULTS / "viz_large.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [
-        "| mask | tokens | cold s | warm s, median (min–max) | base MiB | peak MiB | extra MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['mask']} | {r['tokens']} | {r['cold_s']:.2f} | {r['median_s']:.2f} "
-            f"({r['min_s']:.2f}–{r['max_s']:.2f}) | {r['base_mib']:.0f} | {r['peak_mib']:.0f} | "
-            f"{r['extra_mib']:.0f} |"
-        )
-    (RESULTS / "viz_large.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(
+        "viz_large", rows,
+        ["mask", "tokens", "cold s", "warm s, median (min–max)", "base MiB", "peak MiB",
+         "extra MiB"], "lrrrrrr",
+        lambda r: [r["mask"], str(r["tokens"]), f"{r['cold_s']:.2f}",
+                   f"{r['median_s']:.2f} ({r['min_s']:.2f}–{r['max_s']:.2f})",
+                   f"{r['base_mib']:.0f}", f"{r['peak_mib']:.0f}", f"{r['extra_mib']:.0f}"],
+        repeats=REPEATS,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
