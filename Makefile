@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install figures figures-check test test-slow test-all lint format typecheck nb demo bench-viz bench-hf bench-decode bench-blocks check clean
+.PHONY: install figures figures-check test test-slow test-all lint format typecheck nb demo bench bench-quick bench-viz bench-hf bench-decode bench-blocks check clean
 
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels on a CPU machine.
 $(STAMP): pyproject.toml
@@ -47,6 +47,18 @@ nb: $(STAMP)  ## run the notebooks (committed without outputs)
 
 demo: $(STAMP)  ## every factory's BlockMask described at 4096 tokens, the module on a padded batch
 	$(PY) benchmarks/demo.py
+
+bench: $(STAMP)  ## attention fwd and fwd+bwd, BlockMask building, memory: BENCHMARKS.md (~40 min)
+	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/attention.py --backward
+	$(PY) benchmarks/block_build.py
+	$(PY) benchmarks/memory.py
+
+bench-quick: $(STAMP)  ## the same scripts at small sizes, a smoke run (CI; under 3 minutes)
+	$(PY) benchmarks/attention.py --quick
+	$(PY) benchmarks/attention.py --quick --backward
+	$(PY) benchmarks/block_build.py --quick
+	$(PY) benchmarks/memory.py --quick
 
 bench-viz: $(STAMP)  ## time and peak memory of drawing 16k-131k token masks
 	$(PY) benchmarks/viz_large.py

@@ -8,17 +8,13 @@ evaluates the mask only on blocks that stay undecided, so it neither compiles no
 
 from __future__ import annotations
 
+import argparse
 import functools
-import statistics
-import time
-from collections.abc import Callable
 
 from _results import save
+from harness import Progress, device, measure
 
 import flexmask as fm
-
-SIZES = [4096, 16384]
-REPEATS, WARMUP = 5, 2
 
 
 def masks(n: int) -> dict[str, fm.MaskMod]:
@@ -32,54 +28,40 @@ def masks(n: int) -> dict[str, fm.MaskMod]:
     }
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
-    rows = []
-    for n in SIZES:
-        for name, mask in masks(n).items():
-            build = functools.partial(fm.block_mask, mask, n, device="cpu", cache=False)
-            methods = {
-                "tiles": functools.partial(build, method="tiles"),
-                "compiled": functools.partial(build, method="create_block_mask", compile=True),
-            }
-            if n <= 4096:  # eager materialises n x n per batch row (2.6 GiB at 16384)
-                methods["eager"] = functools.partial(
-                    build, method="create_block_mask", compile=False
-                )
-            times: dict[str, list[float]] = {k: [] for k in methods}
-            for _ in range(WARMUP):  # compiles the builder for this mask structure
-                for fn in methods.values():
-                    fn()
-            for _ in range(REPEATS):
-                for k, fn in methods.items():
-                    times[k].append(timed(fn))
-            med = {k: statistics.median(t) * 1e3 for k, t in times.items()}
-            row = {
-                "tokens": n,
-                "mask": name,
-                **{f"{k}_ms": v for k, v in med.items()},
-                "compiled_over_tiles": med["compiled"] / med["tiles"],
-            }
-            rows.append(row)
-            print(
-                f"{n:>6} {name:<28} tiles {med['tiles']:8.1f} ms  "
-                f"compiled {med['compiled']:8.1f} ms  "
-                f"eager {med.get('eager', float('nan')):8.1f} ms  "
-                f"compiled/tiles {row['compiled_over_tiles']:.1f}x"
-            )
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run (CI)")
+    args = parser.parse_args()
+    sizes, warmup, repeats = ([1024], 1, 1) if args.quick else ([4096, 16384], 2, 5)
+    dev = device()
+    todo = [(n, name, mask) for n in sizes for name, mask in masks(n).items()]
+    bar, rows = Progress(len(todo)), []
+    for n, name, mask in todo:
+        bar.step(f"{n} {name}")
+        build = functools.partial(fm.block_mask, mask, n, device=dev, cache=False)
+        methods = {
+            "tiles": functools.partial(build, method="tiles"),
+            "compiled": functools.partial(build, method="create_block_mask", compile=True),
+        }
+        if n <= 4096:  # eager materialises n x n per batch row (2.6 GiB at 16384)
+            methods["eager"] = functools.partial(build, method="create_block_mask", compile=False)
+        med = {k: t.ms for k, t in measure(methods, warmup=warmup, repeats=repeats,
+                                                dev=dev).items()}  # fmt: skip
+        row = {
+            "tokens": n,
+            "mask": name,
+            **{f"{k}_ms": v for k, v in med.items()},
+            "compiled_over_tiles": med["compiled"] / med["tiles"],
+        }
+        rows.append(row)
     save(
-        "block_build", rows,
+        "block_build" + ("_quick" if args.quick else ""), rows,
         ["tokens", "mask", "tiles ms", "compiled create_block_mask ms", "eager ms",
          "compiled / tiles"], "rlrrrr",
         lambda r: [str(r["tokens"]), r["mask"], f"{r['tiles_ms']:.1f}", f"{r['compiled_ms']:.1f}",
                    f"{r['eager_ms']:.1f}" if "eager_ms" in r else "—",
                    f"{r['compiled_over_tiles']:.1f}x"],
-        repeats=REPEATS,
+        repeats=repeats, device=str(dev),
     )  # fmt: skip
 
 

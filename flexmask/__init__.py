@@ -29,6 +29,7 @@ from .masks import (
     sliding_window,
     tree,
 )
+from .sparse import sparse_attention
 from .viz import save_block_mask_png, save_grid_png, save_mask_png, save_scores_png, to_ascii
 
 __version__ = "0.1.0"
@@ -65,6 +66,7 @@ __all__ = [
     "save_scores_png",
     "shifted",
     "sliding_window",
+    "sparse_attention",
     "to_additive",
     "to_ascii",
     "to_dense",

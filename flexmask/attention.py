@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -18,16 +17,20 @@ from .block import RECOMPILE_LIMIT, cached_dense
 from .block import block_mask as build_block_mask
 from .cache import KVCache, _CacheStep
 from .convert import block_mask_to_dense, to_dense
-from .masks import MaskMod, MaskModFn, as_mask, full
+from .masks import MaskMod, MaskModFn, as_mask, causal, full
+from .sparse import sparse_attention
 
 __all__ = ["MultiheadFlexAttention", "ScoreModFn"]
 
 ScoreModFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 """``(score, b, h, q_idx, kv_idx) -> score``: torch's score_mod signature."""
 
-BACKENDS = ("auto", "flex", "sdpa")
+BACKENDS = ("auto", "flex", "sdpa", "sparse")
+SPARSE_MAX_DENSITY = 0.75
+"""``backend="auto"`` on CPU runs the sparse path when at most this fraction of the BlockMask's
+blocks is visited, SDPA with the dense mask above it (chosen from ``make bench``; see
+BENCHMARKS.md). Override per module with ``MultiheadFlexAttention(sparse_max_density=...)``."""
 _FLEX_DTYPES_CPU = (torch.float32, torch.float16, torch.bfloat16)
-_warned_cpu_backward = False
 
 
 @functools.cache
@@ -84,6 +87,7 @@ class MultiheadFlexAttention(nn.Module):
         score_mod: ScoreModFn | None = None,
         block_size: int = 128,
         backend: str = "auto",
+        sparse_max_density: float = SPARSE_MAX_DENSITY,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -125,7 +129,14 @@ class MultiheadFlexAttention(nn.Module):
         self.dropout = dropout
         self.score_mod = score_mod
         self.block_size = check_block_size(block_size)
+        if isinstance(sparse_max_density, bool) or not isinstance(sparse_max_density, (int, float)) \
+                or not 0.0 <= sparse_max_density <= 1.0:  # fmt: skip
+            raise ValueError(
+                "MultiheadFlexAttention(sparse_max_density=...) must be a block density in "
+                f"[0, 1] (0: never the sparse path, 1: always), got {sparse_max_density!r}."
+            )
         self.backend = backend
+        self.sparse_max_density = float(sparse_max_density)
         kw: dict[str, Any] = {"device": device, "dtype": dtype, "bias": bias}
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, **kw)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
@@ -211,8 +222,21 @@ class MultiheadFlexAttention(nn.Module):
             self._check_block_mask(mask, bsz, s_q, s_kv)
 
         q, k, v = self.project(x, context)
-        attend = self._flex if self._choose_backend(q) == "flex" else self._sdpa
-        out = attend(q, k, v, mask)
+        backend = self._choose_backend(q, mask, s_kv)
+        p = self.dropout if self.training else 0.0
+        if backend == "flex":
+            out = self._flex(q, k, v, mask)
+        elif backend == "sparse":
+            if not isinstance(mask, BlockMask):
+                mask = self._block_mask(mask or full(), q, s_kv)
+            out = sparse_attention(q, k, v, mask, dropout_p=p)
+        elif backend == "sdpa_causal":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
+                                                 enable_gqa=_gqa(q, k))  # fmt: skip
+        else:
+            out = self._sdpa(
+                q, k, v, None if isinstance(mask, MaskMod) and mask == full() else mask
+            )
         return self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.embed_dim))
 
     def _forward_cached(
@@ -239,18 +263,24 @@ class MultiheadFlexAttention(nn.Module):
         step: Any = (
             mask if isinstance(mask, BlockMask) else _CacheStep(mask or full(), start, counts)
         )
-        backend = self._choose_backend(q)
-        if self.backend == "auto" and q.device.type == "cpu":
+        if self.backend != "auto":
+            backend = self._choose_backend(q)
+        elif q.device.type == "cpu" or self.score_mod is not None or self.training:
             # The dense step mask is only S x max_len; on CPU, benchmarks/decode.py measured SDPA
             # faster than flex in 11 of 12 decode cases (up to 2.2x), 6% slower in the last.
             backend = "sdpa"
-        if backend == "flex":
+        else:
+            backend = "flex"
+        if backend in ("flex", "sparse"):
             if not isinstance(step, BlockMask):  # built per call: O(S x max_len), no recompile
                 step = build_block_mask(
                     step, s_q, cache.max_len, batch=bsz, block_size=self.block_size,
                     device=q.device, cache=False,
                 )  # fmt: skip
-            out = self._flex(q, cache.k, cache.v, step)
+            if backend == "flex":
+                out = self._flex(q, cache.k, cache.v, step)
+            else:
+                out = sparse_attention(q, cache.k, cache.v, step)
         else:
             if not isinstance(step, BlockMask):
                 heads = self.num_heads if step.uses_heads else 1
@@ -306,7 +336,10 @@ class MultiheadFlexAttention(nn.Module):
                 f"flexmask.block_mask(mask, q_len={s_q}, kv_len={s_kv}) or pass the mask itself."
             )
 
-    def _choose_backend(self, q: Tensor) -> str:
+    def _choose_backend(
+        self, q: Tensor, mask: MaskMod | BlockMask | None = None, s_kv: int | None = None
+    ) -> str:
+        """One of "flex", "sdpa", "sparse", "sdpa_causal" (SDPA ``is_causal``) for this call."""
         needs_grad = torch.is_grad_enabled() and (
             q.requires_grad or any(p.requires_grad for p in self.parameters())
         )
@@ -314,17 +347,24 @@ class MultiheadFlexAttention(nn.Module):
         on_cpu = q.device.type == "cpu"
         if self.backend == "sdpa":
             return "sdpa"
+        if self.backend == "sparse":
+            if self.score_mod is not None:
+                raise ValueError(
+                    "backend='sparse' has no score_mod (it runs SDPA on the visited blocks); use "
+                    "backend='auto', 'flex' or 'sdpa'."
+                )
+            return "sparse"
         if self.backend == "flex":
             if on_cpu and needs_grad:
                 raise RuntimeError(
                     "backend='flex' cannot train on CPU: FlexAttention has no CPU backward pass. "
-                    "Use backend='auto' (SDPA while training on CPU) or 'sdpa', or run under "
-                    "torch.no_grad()."
+                    "Use backend='auto' or 'sparse' (block-sparse, with backward) or 'sdpa', or "
+                    "run under torch.no_grad()."
                 )
             if dropout:
                 raise RuntimeError(
                     "backend='flex' has no attention dropout; call .eval(), set dropout=0, or "
-                    "use backend='auto' or 'sdpa'."
+                    "use backend='auto', 'sparse' or 'sdpa'."
                 )
             if on_cpu and q.dtype not in _FLEX_DTYPES_CPU:
                 raise TypeError(
@@ -332,20 +372,28 @@ class MultiheadFlexAttention(nn.Module):
                     "backend='sdpa' or 'auto'."
                 )
             return "flex"
-        if on_cpu and needs_grad:
-            global _warned_cpu_backward
-            if not _warned_cpu_backward:
-                _warned_cpu_backward = True
-                warnings.warn(
-                    "MultiheadFlexAttention: FlexAttention has no backward pass on CPU, so while "
-                    "autograd is on, CPU attention runs SDPA with the dense mask (O(S^2) memory). "
-                    "Inference (torch.no_grad) and CUDA run flex.",
-                    stacklevel=3,
-                )
-            return "sdpa"
-        if dropout or (on_cpu and q.dtype not in _FLEX_DTYPES_CPU):
-            return "sdpa"
-        return "flex"
+        # auto
+        if self.score_mod is not None:  # only flex and the explicit softmax take a score_mod
+            flex_ok = not dropout and not (
+                on_cpu and (needs_grad or q.dtype not in _FLEX_DTYPES_CPU)
+            )
+            return "flex" if flex_ok else "sdpa"
+        if mask is None or (isinstance(mask, MaskMod) and mask == full()):
+            return "sdpa"  # no mask at all
+        if isinstance(mask, MaskMod) and mask == causal() and s_kv == q.shape[2]:
+            return "sdpa_causal"
+        if not on_cpu:
+            return "sdpa" if dropout else "flex"
+        bm = mask if isinstance(mask, BlockMask) else self._block_mask(mask, q, s_kv)
+        return "sparse" if _block_density(bm) <= self.sparse_max_density else "sdpa"
+
+    def _block_mask(self, mask: MaskMod, q: Tensor, s_kv: int | None) -> BlockMask:
+        return build_block_mask(
+            mask, q.shape[2], s_kv,
+            batch=q.shape[0] if mask.uses_batch else None,
+            heads=q.shape[1] if mask.uses_heads else None,
+            block_size=self.block_size, device=q.device,
+        )  # fmt: skip
 
     def _flex(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
         return flex_attend(q, k, v, mask, block_size=self.block_size, score_mod=self.score_mod)
@@ -429,6 +477,14 @@ def masked_sdpa(
         q, k, v, attn_mask=dense | ~seen, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
     )
     return out.masked_fill(~seen, 0.0)
+
+
+def _block_density(bm: BlockMask) -> float:
+    """The fraction of a BlockMask's blocks that attention visits (partial or full)."""
+    visited = int(bm.kv_num_blocks.sum())
+    if bm.full_kv_num_blocks is not None:
+        visited += int(bm.full_kv_num_blocks.sum())
+    return visited / max(1, bm.kv_num_blocks.numel() * bm.kv_indices.shape[-1])
 
 
 def _gqa(q: Tensor, k: Tensor) -> bool:

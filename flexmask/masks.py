@@ -397,11 +397,16 @@ class _And(_Composite):
         # Padding is a box (real queries x real keys): the AND of boxes with one part whose
         # bounds are exact on any rectangle is exact on the tiles clipped to the boxes.
         boxes, rest = self._split_boxes()
-        return bool(boxes) and len(rest) <= 1 and all(p.exact_on_rectangles for p in rest)
+        if boxes:
+            return len(rest) <= 1 and all(p.exact_on_rectangles for p in rest)
+        # Sorted documents & causal: a tile undecided by both straddles the diagonal, so it
+        # holds a pair (x, x) (same document, allowed) and a pair above it (masked).
+        kinds = sorted(type(p).__name__ for p in self.parts)
+        return kinds == ["_Causal", "_Document"] and all(p.exact_bounds for p in self.parts)
 
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
-        if self.exact_bounds:
-            boxes, rest = self._split_boxes()
+        boxes, rest = self._split_boxes()
+        if boxes and self.exact_bounds:
             lo = max(box.box(tiles.b)[0] for box in boxes)
             hi = min(box.box(tiles.b)[1] for box in boxes)
             clipped = tiles.clipped(lo, hi)

@@ -190,16 +190,6 @@ def test_cpu_training_gradients_match_golden(x, kv_heads):
         assert_close(p.grad, g.grad, rel=1e-5, floor=floor)
 
 
-def test_auto_warns_once_about_cpu_training(x, monkeypatch):
-    monkeypatch.setattr(attention_module, "_warned_cpu_backward", False)
-    module = fm.MultiheadFlexAttention(E, H)
-    with pytest.warns(UserWarning, match="no backward pass on CPU"):
-        module(x, mask=fm.causal())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        module(x, mask=fm.causal())  # no second warning
-
-
 def test_project_shapes(x):
     module = fm.MultiheadFlexAttention(E, H, num_kv_heads=2)
     q, k, v = module.project(x, torch.randn(2, 7, E))

@@ -249,7 +249,7 @@ BAD_MODULES = [
     (
         lambda: MHA(32, 4, backend="triton"),
         ValueError,
-        r"MultiheadFlexAttention\(backend=...\) must be one of \('auto', 'flex', 'sdpa'\), got 'triton'",
+        r"MultiheadFlexAttention\(backend=...\) must be one of \('auto', 'flex', 'sdpa', 'sparse'\), got 'triton'",
     ),
     (
         lambda: MHA(32, 4, dropout=1.5),

@@ -194,3 +194,22 @@ def test_writers_never_touch_the_working_directory(tmp_path, monkeypatch):
     out_dir = tmp_path / "out"
     fm.save_mask_png(fm.causal(), out_dir / "a.png", 8, block_size=16)
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["out"]
+
+
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    size=st.sampled_from([1, 3, 16]),
+    order=st.booleans(),
+)
+def test_packed_documents_and_causal_have_exact_bounds(lengths, size, order):
+    """The one composition without padding whose bounds are exact: no tile is evaluated."""
+    n = sum(lengths)
+    mask = fm.packed(lengths) & fm.causal() if order else fm.causal() & fm.packed(lengths)
+    bound = mask.bind(n, n)
+    assert bound.exact_bounds
+    all_true, any_true = bound.tile_bounds(Tiles(0, size, n, n))
+    want = oracle_tiles(ref.packed(n, n, lengths)[0] & ref.causal(n, n)[0], size)
+    area = oracle_tiles(torch.ones(n, n, dtype=torch.bool), size)
+    assert torch.equal(all_true, want == area)
+    assert torch.equal(any_true, want > 0)
+    assert not (fm.document([0, 1, 0]) & fm.causal()).bind(3, 3).exact_bounds  # unsorted ids

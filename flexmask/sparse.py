@@ -1,0 +1,324 @@
+"""Block-sparse attention from a BlockMask with dense kernels: runs (and trains) on CPU.
+
+Every query block attends to the key blocks its BlockMask row visits. Rows that visit the same
+number of blocks form one group: their keys and values are gathered into ``[rows, heads,
+visited * block, D]`` and one ``scaled_dot_product_attention`` call computes the group, with an
+element mask only where a group holds a partial block. Autograd differentiates through the
+gathers and SDPA, so the backward pass is sparse too. Memory is proportional to the visited
+blocks, never to ``q_len x kv_len``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from .block import _LRU
+from .block import block_mask as build_block_mask
+from .convert import block_kinds, evaluate_tiles
+from .masks import MaskModFn, as_mask, full
+
+__all__ = ["sparse_attention"]
+
+
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: MaskModFn | BlockMask | None = None,
+    *,
+    block_size: int = 128,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Attention that computes only the blocks a BlockMask visits; differentiable.
+
+    Shapes:
+        q ``[B, H, S, D]``, k and v ``[B, H_kv, S_kv, D]`` (``H_kv`` divides ``H``: grouped-query
+        attention) -> ``[B, H, S, D]``.
+
+    Args:
+        mask: a flexmask mask or mask_mod (its BlockMask is built with ``block_size`` and
+            cached), a BlockMask for ``(S, S_kv)`` with batch and heads of 1 or the inputs', or
+            None (every key visible).
+        scale: score scale, default ``1 / sqrt(D)``.
+        dropout_p: attention-probability dropout.
+
+    Query rows that see no key give zeros (and zero gradients), never NaN.
+
+    Example:
+        >>> import torch, flexmask as fm
+        >>> q = k = v = torch.randn(1, 2, 300, 16)
+        >>> out = fm.sparse_attention(q, k, v, fm.sliding_window(64), block_size=64)
+        >>> dense = fm.to_dense(fm.sliding_window(64), 300)
+        >>> ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        >>> torch.allclose(out, ref, atol=1e-6)
+        True
+    """
+    _check_inputs(q, k, v, dropout_p)
+    bsz, nh, s_q, dim = q.shape
+    nkv, s_kv = k.shape[1], k.shape[2]
+    if not isinstance(mask, BlockMask):
+        m = full() if mask is None else as_mask(mask, name="sparse_attention(mask=...)")
+        mask = build_block_mask(
+            m, s_q, s_kv,
+            batch=bsz if m.uses_batch else None,
+            heads=nh if m.uses_heads else None,
+            block_size=block_size, device=q.device,
+        )  # fmt: skip
+    _check_block_mask(mask, bsz, nh, s_q, s_kv)
+
+    plan = _plan(mask)
+    mb, mh, nqb, nkvb = plan.shape
+    qbs, kvbs = mask.BLOCK_SIZE
+    if mh == nh and nkv != nh:  # per-head mask: one key head per query head
+        k = k.repeat_interleave(nh // nkv, dim=1)
+        v = v.repeat_interleave(nh // nkv, dim=1)
+    # One "mask row" per (Bm, Hm) of the BlockMask; the batch rows and heads the mask broadcasts
+    # over ride along as SDPA heads, in an order that keeps GQA's head // group pairing.
+    q_rows = _mask_rows(q, mb, mh, nqb * qbs)  # [Bm*Hm, hs, QB*qbs, D]
+    k_rows = _mask_rows(k, mb, mh, nkvb * kvbs)
+    v_rows = _mask_rows(v, mb, mh, nkvb * kvbs)
+    gqa = q_rows.shape[1] != k_rows.shape[1]
+
+    outs = []
+    for run in plan.runs:
+        qg = _take(q_rows[run.row], run.qb, run.q_step, qbs)
+        kg = _take(k_rows[run.row], run.blocks, run.kv_step, kvbs)
+        vg = _take(v_rows[run.row], run.blocks, run.kv_step, kvbs)
+        out = F.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=run.attn_mask(q.dtype), dropout_p=dropout_p, scale=scale,
+            enable_gqa=gqa,
+        )  # fmt: skip
+        if run.blind is not None:  # queries that see no key: zeros, and zero gradients
+            out = out.masked_fill(run.blind, 0.0)
+        outs.append(out)
+
+    if not outs:  # nothing visible: zeros, still in the graph so that gradients are zeros
+        inputs = q.sum() + k.sum() + v.sum()
+        return q.new_zeros(q.shape) + torch.where(torch.tensor(False), inputs, 0.0)
+    if plan.order is None:  # the runs cover every query block in order
+        result = torch.cat(outs)
+    else:  # rows that visit no block stay zero
+        result = q.new_zeros(mb * mh * nqb, q_rows.shape[1], qbs, dim)
+        result = result.index_copy(0, plan.order, torch.cat(outs))
+    return _unblock(result, bsz, nh, mb, mh, nqb, qbs)[:, :, :s_q]
+
+
+@dataclass
+class _Run:
+    """Query blocks ``qb [n]`` of mask row ``row`` attending to key blocks ``blocks [n, c]``."""
+
+    row: int
+    qb: Tensor
+    q_step: int | None  # see _step
+    blocks: Tensor
+    kv_step: int | None
+    allowed: Tensor | None  # [n, 1, qbs, c*kvbs] with blind queries opened; None: all full
+    blind: Tensor | None  # [n, 1, qbs, 1] queries that see no key, None when there are none
+    additive: dict[torch.dtype, Tensor] = field(default_factory=dict)
+
+    def attn_mask(self, dtype: torch.dtype) -> Tensor | None:
+        """``allowed`` as an additive mask (SDPA converts a boolean one on every call)."""
+        if self.allowed is None:
+            return None
+        if dtype not in self.additive:
+            zero = torch.zeros((), dtype=dtype, device=self.allowed.device)
+            self.additive[dtype] = zero.masked_fill(~self.allowed, float("-inf"))
+        return self.additive[dtype]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    shape: tuple[int, int, int, int]  # the BlockMask's [Bm, Hm, QB, KVB]
+    runs: list[_Run]
+    order: Tensor | None  # the rows the runs' outputs fill; None: all rows in order
+
+
+_PLANS = _LRU(16)
+
+
+def _plan(bm: BlockMask) -> _Plan:
+    """The runs a BlockMask is computed in, with their element masks; cached per BlockMask, so
+    every layer and training step that reuses a BlockMask evaluates its mask_mod once."""
+    hit = _PLANS.get_recent((id(bm),))
+    if isinstance(hit, tuple) and hit[0] is bm:
+        return hit[1]
+    kinds = block_kinds(bm)  # [Bm, Hm, QB, KVB]: 0 empty, 1 partial, 2 full
+    mb, mh, nqb, nkvb = kinds.shape
+    flat = kinds.flatten(0, 1)
+    visited = flat > 0
+    counts = visited.sum(-1)
+    first = visited.to(torch.int8).argmax(-1)
+    last = nkvb - 1 - visited.flip(-1).to(torch.int8).argmax(-1)
+    contiguous = last - first + 1 == counts
+    runs, done = [], []
+    for r in range(mb * mh):
+        for qb, blocks in _runs(visited[r], counts[r], first[r], contiguous[r]):
+            allowed = _element_mask(bm, flat[r], r, qb, blocks, mh)
+            blind = None
+            if allowed is not None:
+                seen = allowed.any(-1, keepdim=True)
+                if not bool(seen.all()):
+                    # SDPA would give NaN on a row with no key: open it, zero it afterwards.
+                    allowed, blind = allowed | ~seen, ~seen
+            runs.append(_Run(r, qb, _step(qb[:, None]), blocks, _step(blocks), allowed, blind))
+            done.append(r * nqb + qb)
+    order: Tensor | None = torch.cat(done) if done else kinds.new_zeros(0, dtype=torch.long)
+    everything = torch.arange(mb * mh * nqb, device=kinds.device)
+    if order is not None and order.shape == everything.shape and bool((order == everything).all()):
+        order = None
+    plan = _Plan((mb, mh, nqb, nkvb), runs, order)
+    _PLANS.put((id(bm),), (bm, plan))
+    return plan
+
+
+def _step(blocks: Tensor) -> int | None:
+    """The constant step between the first blocks of the rows of ``blocks [n, c]`` when each
+    row's blocks are consecutive (the rows are then strided windows of one tensor), else None."""
+    starts = blocks[:, 0]
+    step = int(starts[1] - starts[0]) if len(starts) > 1 else 0
+    if step < 0 or not bool((blocks.diff(dim=1) == 1).all()):
+        return None
+    if len(starts) > 2 and not bool((starts.diff() == step).all()):
+        return None
+    return step
+
+
+def _take(x: Tensor, blocks: Tensor, step: int | None, bs: int) -> Tensor:
+    """Blocks of ``x [hs, L, D]`` side by side per row: ``blocks [n]`` or ``[n, c]`` ->
+    ``[n, hs, c*bs, D]``; a strided view (no copy) when ``step`` is known, else a gather."""
+    blocks = blocks.reshape(blocks.shape[0], -1)
+    n, c = blocks.shape
+    hs, _, dim = x.shape
+    if step is None:
+        g = x.view(hs, -1, bs, dim).index_select(1, blocks.flatten())
+        return g.view(hs, n, c * bs, dim).transpose(0, 1)
+    first = x.narrow(1, int(blocks[0, 0]) * bs, ((n - 1) * step + c) * bs)
+    if step == 0:  # every row reads the same keys (the query blocks of one document)
+        return first.unsqueeze(0).expand(n, hs, c * bs, dim)
+    return first.unfold(1, c * bs, step * bs).permute(1, 0, 3, 2)
+
+
+def _mask_rows(x: Tensor, mb: int, mh: int, padded: int) -> Tensor:
+    """``[B, H, S, D]`` -> ``[mb*mh, (B/mb)*(H/mh), padded, D]`` (a view when the layout allows)."""
+    bsz, nh, s, dim = x.shape
+    if padded != s:
+        x = F.pad(x, (0, 0, 0, padded - s))
+    x = x.view(mb, bsz // mb, mh, nh // mh, padded, dim).transpose(1, 2)
+    return x.reshape(mb * mh, (bsz // mb) * (nh // mh), padded, dim)
+
+
+def _unblock(rows: Tensor, bsz: int, nh: int, mb: int, mh: int, nqb: int, qbs: int) -> Tensor:
+    """``[mb*mh*QB, hs, qbs, D]`` query blocks back to ``[B, H, QB*qbs, D]``."""
+    dim = rows.shape[-1]
+    x = rows.view(mb, mh, nqb, bsz // mb, nh // mh, qbs, dim)
+    return x.permute(0, 3, 1, 4, 2, 5, 6).reshape(bsz, nh, nqb * qbs, dim)
+
+
+def _runs(
+    visited: Tensor, counts: Tensor, first: Tensor, contiguous: Tensor
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Query blocks of one mask row grouped for one SDPA call each: ``(qb [n], blocks [n, c])``.
+
+    Rows visiting ``c`` consecutive key blocks whose query and key starts advance by constant
+    steps form a run that strided views reach without copying (a sliding window is one run per
+    count, documents one per document or per count); the other rows are gathered by count.
+    """
+    ar = torch.arange(visited.shape[-1], device=visited.device)
+    for c in torch.unique(counts[counts > 0]).tolist():
+        rows = ((counts == c) & contiguous).nonzero().flatten()
+        if rows.numel():
+            starts = first[rows]
+            for a, b in _constant_steps(rows.tolist(), starts.tolist()):
+                yield rows[a:b], starts[a:b, None] + ar[:c]
+        rows = ((counts == c) & ~contiguous).nonzero().flatten()
+        if rows.numel():
+            order = torch.argsort(visited[rows].to(torch.int8), dim=-1, descending=True,
+                                  stable=True)  # fmt: skip
+            yield rows, order[:, :c]
+
+
+def _constant_steps(xs: list[int], ys: list[int]) -> Iterator[tuple[int, int]]:
+    """Split ``range(len(xs))`` into maximal runs along which ``(x, y)`` advances by one step."""
+    a, n = 0, len(xs)
+    while a < n:
+        b = a + 1
+        if b < n:
+            step = (xs[b] - xs[a], ys[b] - ys[a])
+            while b + 1 < n and (xs[b + 1] - xs[b], ys[b + 1] - ys[b]) == step:
+                b += 1
+            b += 1
+        yield a, b
+        a = b
+
+
+def _element_mask(
+    bm: BlockMask, kinds: Tensor, row: int, qb: Tensor, blocks: Tensor, mask_heads: int
+) -> Tensor | None:
+    """``BoolTensor[n, 1, qbs, c*kvbs]`` over the keys of ``_take(k, blocks)`` for query blocks
+    ``qb`` of mask row ``row`` (``kinds``: its ``[QB, KVB]`` classes), or None when every block
+    is full: the BlockMask's ``mask_mod`` is evaluated on partial blocks only."""
+    qbs, kvbs = bm.BLOCK_SIZE
+    s_q, s_kv = bm.seq_lengths
+    n, c = blocks.shape
+    kind = kinds[qb[:, None], blocks]  # [n, c]
+    kv_start = blocks * kvbs
+    if bool((kind == 2).all()) and not bool((kv_start + kvbs > s_kv).any()):
+        return None
+    allowed = (kind == 2)[:, None, :, None].expand(n, qbs, c, kvbs).clone()
+    part_r, part_c = (kind == 1).nonzero(as_tuple=True)
+    if part_r.numel():
+        values = evaluate_tiles(
+            bm.mask_mod,
+            torch.full_like(part_r, row // mask_heads), torch.full_like(part_r, row % mask_heads),
+            qb[part_r] * qbs, kv_start[part_r, part_c], qbs, kvbs, s_q, s_kv,
+        )  # fmt: skip
+        allowed[part_r, :, part_c, :] = values
+    kv_pos = kv_start[:, :, None] + torch.arange(kvbs, device=blocks.device)
+    allowed &= (kv_pos < s_kv)[:, None]  # keys past the sequence (a cut last block)
+    return allowed.view(n, 1, qbs, c * kvbs)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"sparse_attention({name}=...) must be a 4-D tensor [B, H, S, D], "
+                             f"got {got}.")  # fmt: skip
+    if k.shape != v.shape:
+        raise ValueError(f"sparse_attention: k and v must have the same shape, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}.")  # fmt: skip
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"sparse_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch "
+            "(dim 0) and head size (dim 3)."
+        )
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"sparse_attention: query heads ({q.shape[1]}) must be a multiple of key/value heads "
+            f"({k.shape[1]}) for grouped-query attention."
+        )
+    if q.dtype != k.dtype or q.dtype != v.dtype or not q.dtype.is_floating_point:
+        raise TypeError(f"sparse_attention: q, k, v must share one floating dtype, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}.")  # fmt: skip
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"sparse_attention: q, k, v must be on one device, got {q.device}, "
+                         f"{k.device}, {v.device}.")  # fmt: skip
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"sparse_attention(dropout_p=...) must be in [0, 1), got {dropout_p!r}.")
+
+
+def _check_block_mask(bm: BlockMask, bsz: int, nh: int, s_q: int, s_kv: int) -> None:
+    mb, mh = bm.kv_num_blocks.shape[:2]
+    if bm.seq_lengths != (s_q, s_kv) or mb not in (1, bsz) or mh not in (1, nh):
+        raise ValueError(
+            f"sparse_attention(mask=BlockMask) has shape {tuple(bm.shape)} but the inputs need "
+            f"(B in {{1, {bsz}}}, H in {{1, {nh}}}, {s_q}, {s_kv}); build it with "
+            f"flexmask.block_mask(mask, q_len={s_q}, kv_len={s_kv}) or pass the mask itself."
+        )

@@ -1,0 +1,206 @@
+"""The block-sparse CPU path (``sparse_attention``, ``backend="sparse"``) and backend dispatch,
+against a float64 softmax golden on the dense oracle."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import flexmask as fm
+import flexmask.attention as attention_module
+from flexmask.sparse import _PLANS
+from tests import reference as ref
+from tests.test_attention import E, H, _dense4, golden, masks_and_oracles
+from tests.test_masks import expressions
+
+
+def rel_err(got, want):
+    """Norm-wise relative error (0 when both are 0)."""
+    scale = want.norm().item()
+    err = (got.double() - want).norm().item()
+    return err / scale if scale else err
+
+
+def run_both(mask, dense, bsz, nh, nkv, s_q, s_kv, dim, block_size, dtype, seed=0):
+    """Forward and gradients of the sparse path in ``dtype`` and of the float64 golden on the
+    dense mask ``dense`` (broadcastable to ``[B, H, S, S_kv]``)."""
+    gen = torch.Generator().manual_seed(seed)
+    q64 = torch.randn(bsz, nh, s_q, dim, generator=gen, dtype=torch.float64)
+    k64 = torch.randn(bsz, nkv, s_kv, dim, generator=gen, dtype=torch.float64)
+    v64 = torch.randn(bsz, nkv, s_kv, dim, generator=gen, dtype=torch.float64)
+    grad = torch.randn(bsz, nh, s_q, dim, generator=gen, dtype=torch.float64)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+    out = fm.sparse_attention(q, k, v, mask, block_size=block_size)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad.to(dtype)))
+    q64, k64, v64 = (t.requires_grad_() for t in (q64, k64, v64))
+    want = ref.attention(q64, k64, v64, dense)
+    return got, (want, *torch.autograd.grad(want, (q64, k64, v64), grad))
+
+
+@given(
+    pair=expressions(23, 29),
+    block_size=st.sampled_from([16, 32]),
+    heads=st.sampled_from([(2, 2), (4, 2), (2, 1)]),
+)
+def test_matches_float64_golden_for_random_masks(pair, block_size, heads):
+    """Every mask family and composition, q_len != kv_len, sizes that are not block multiples,
+    GQA, fully masked rows: forward and the three gradients, in float64."""
+    mask, oracle = pair
+    got, want = run_both(mask, _dense4(oracle), 2, *heads, 23, 29, 8, block_size, torch.float64)
+    for g, w in zip(got, want, strict=True):
+        assert not g.isnan().any()
+        assert rel_err(g, w) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["causal", "causal_padding", "window_or_chunk", "documents"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_float32_within_2e6_of_float64_golden(name, heads):
+    mask, oracle = masks_and_oracles(300, 300)[name]
+    got, want = run_both(mask, _dense4(oracle), 2, *heads, 300, 300, 32, 64, torch.float32)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 2e-6
+
+
+def test_fully_masked_rows_give_zeros_and_zero_gradients():
+    mask = fm.causal() & fm.padding([40, 0], side="left")  # row 1 sees nothing at all
+    q = torch.randn(2, 2, 40, 8, requires_grad=True)
+    k = torch.randn(2, 2, 40, 8, requires_grad=True)
+    out = fm.sparse_attention(q, k, k, mask, block_size=16)
+    out.sum().backward()
+    assert not out.isnan().any() and not q.grad.isnan().any() and not k.grad.isnan().any()
+    assert out[1].eq(0).all() and q.grad[1].eq(0).all() and k.grad[1].eq(0).all()
+    assert out[0].ne(0).any()
+
+
+def test_per_head_block_mask_and_shared_batch_row():
+    """A plain callable that depends on the head (a per-head BlockMask, GQA keys) and a
+    one-row BlockMask broadcast over the batch."""
+
+    def per_head(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx >= 0) & (q_idx - kv_idx < 8 * (h + 1))
+
+    heads = torch.arange(4)[:, None, None]
+    pos = torch.arange(70)
+    oracle = (pos[:, None] >= pos) & (pos[:, None] - pos < 8 * (heads + 1))  # [4, 70, 70]
+    bm = fm.block_mask(per_head, 70, heads=4, block_size=16, device="cpu", compile=False)
+    got, want = run_both(bm, oracle[None], 3, 4, 2, 70, 70, 8, 16, torch.float64)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-12
+
+
+def test_block_mask_evaluated_once_per_block_mask():
+    calls = []
+
+    def counted(b, h, q_idx, kv_idx):
+        calls.append(1)
+        return q_idx >= kv_idx
+
+    bm = fm.block_mask(counted, 64, block_size=16, device="cpu", compile=False)
+    calls.clear()
+    q = torch.randn(1, 2, 64, 8)
+    first = fm.sparse_attention(q, q, q, bm)
+    n = len(calls)
+    assert n > 0
+    assert torch.equal(fm.sparse_attention(q, q, q, bm), first)
+    assert len(calls) == n  # the second call reused the plan
+    assert any(entry[0] is bm for entry in _PLANS.values())
+
+
+def test_module_sparse_backend_trains_like_the_golden():
+    torch.manual_seed(4)
+    x = torch.randn(2, 45, E)
+    module = fm.MultiheadFlexAttention(E, H, num_kv_heads=2, backend="sparse", block_size=16)
+    mask, oracle = masks_and_oracles(45)["documents"]
+    xg = x.clone().requires_grad_()
+    module(xg, mask=mask).square().sum().backward()
+    ghost = copy.deepcopy(module).double()
+    x64 = x.double().requires_grad_()
+    golden(ghost, x64, _dense4(oracle)).square().sum().backward()
+    assert rel_err(xg.grad, x64.grad) < 2e-6
+    # All parameter gradients as one vector: the key bias's is exactly 0 in exact arithmetic.
+    grads = torch.cat([p.grad.flatten() for p in module.parameters()])
+    assert rel_err(grads, torch.cat([g.grad.flatten() for g in ghost.parameters()])) < 2e-6
+
+
+def test_sparse_backend_with_a_cache_matches_sdpa():
+    torch.manual_seed(5)
+    module = fm.MultiheadFlexAttention(E, H, backend="sparse", block_size=16).eval()
+    prompt, step = torch.randn(2, 20, E), torch.randn(2, 1, E)
+    outs = {}
+    for backend in ("sparse", "sdpa"):
+        module.backend = backend
+        cache = fm.KVCache(2, 40, H, E // H)
+        with torch.no_grad():
+            outs[backend] = torch.cat(
+                [module(prompt, mask=fm.causal(), cache=cache),
+                 module(step, mask=fm.causal(), cache=cache)], dim=1)  # fmt: skip
+    torch.testing.assert_close(outs["sparse"], outs["sdpa"], rtol=1e-5, atol=1e-6)
+
+
+# -- dispatch -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mask", "grad", "expected"),
+    [
+        (None, False, "sdpa"),
+        (fm.full(), True, "sdpa"),
+        (fm.causal(), True, "sdpa_causal"),
+        (fm.causal(), False, "sdpa_causal"),
+        (fm.sliding_window(16), True, "sparse"),  # density 0.13 at 256 tokens
+        (fm.packed([64] * 4) & fm.causal(), False, "sparse"),  # 0.16
+        (fm.causal() & fm.padding([256, 200]), True, "sparse"),  # 0.44
+        (~fm.sliding_window(8), False, "sdpa"),  # everything but a band: 1.0
+    ],
+)
+def test_auto_dispatch_on_cpu(mask, grad, expected):
+    module = fm.MultiheadFlexAttention(E, H, block_size=32)
+    module.requires_grad_(grad)
+    q = torch.zeros(2, H, 256, E // H)
+    assert module._choose_backend(q, mask, 256) == expected
+
+
+def test_auto_dispatch_threshold_can_be_overridden():
+    q = torch.zeros(2, H, 256, E // H)
+    mask = fm.causal() & fm.padding([256, 200])  # density 0.44
+    assert fm.MultiheadFlexAttention(E, H, block_size=32)._choose_backend(q, mask, 256) == "sparse"
+    strict = fm.MultiheadFlexAttention(E, H, block_size=32, sparse_max_density=0.3)
+    assert strict._choose_backend(q, mask, 256) == "sdpa"
+    assert attention_module.SPARSE_MAX_DENSITY > 0.3
+
+
+@pytest.mark.parametrize("name", ["none", "causal", "causal_padding", "documents"])
+def test_auto_training_matches_golden_whatever_it_picks(name):
+    torch.manual_seed(6)
+    x = torch.randn(2, 64, E)
+    module = fm.MultiheadFlexAttention(E, H, block_size=16)
+    mask, oracle = masks_and_oracles(64)[name]
+    xg = x.clone().requires_grad_()
+    out = module(xg, mask=mask)
+    out.square().sum().backward()
+    ghost = copy.deepcopy(module).double()
+    x64 = x.double().requires_grad_()
+    want = golden(ghost, x64, _dense4(oracle))
+    want.square().sum().backward()
+    assert rel_err(out, want) < 2e-6
+    assert rel_err(xg.grad, x64.grad) < 2e-6
+
+
+def test_sparse_refuses_score_mod_and_bad_inputs():
+    module = fm.MultiheadFlexAttention(E, H, backend="sparse", score_mod=lambda s, b, h, q, k: s)
+    with pytest.raises(ValueError, match="no score_mod"):
+        module(torch.randn(1, 8, E), mask=fm.causal())
+    q = torch.randn(1, 4, 32, 8)
+    with pytest.raises(ValueError, match="4-D tensor"):
+        fm.sparse_attention(q[0], q, q)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        fm.sparse_attention(q, q[:, :3], q[:, :3])
+    with pytest.raises(TypeError, match="one floating dtype"):
+        fm.sparse_attention(q, q.double(), q)
+    bm = fm.block_mask(fm.causal(), 48, block_size=16, device="cpu")
+    with pytest.raises(ValueError, match=r"flexmask.block_mask\(mask, q_len=32, kv_len=32\)"):
+        fm.sparse_attention(q, q, q, bm)
+    with pytest.raises(ValueError, match="dropout_p"):
+        fm.sparse_attention(q, q, q, dropout_p=1.0)
