@@ -53,12 +53,15 @@ bench: $(STAMP)  ## attention fwd and fwd+bwd, BlockMask building, memory: BENCH
 	$(PY) benchmarks/attention.py --backward
 	$(PY) benchmarks/block_build.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/dispatch.py
+	$(PY) benchmarks/report.py
 
 bench-quick: $(STAMP)  ## the same scripts at small sizes, a smoke run (CI; under 3 minutes)
 	$(PY) benchmarks/attention.py --quick
 	$(PY) benchmarks/attention.py --quick --backward
 	$(PY) benchmarks/block_build.py --quick
 	$(PY) benchmarks/memory.py --quick
+	$(PY) benchmarks/dispatch.py --quick
 
 bench-viz: $(STAMP)  ## time and peak memory of drawing 16k-131k token masks
 	$(PY) benchmarks/viz_large.py

@@ -3,7 +3,9 @@ software) and ``NAME.md`` (the table the closing notes and the README quote)."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -26,12 +28,25 @@ def save(
     of ``l``/``r`` per column), and print the table."""
     RESULTS.mkdir(exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), **meta}  # fmt: skip
+            "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": cpu_name(),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            **meta}  # fmt: skip
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "".join("---:|" if a == "r" else "---|" for a in align),
     ]
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells(r)) + " |" for r in rows]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -18,6 +18,7 @@ from .block import block_mask as build_block_mask
 from .cache import KVCache, _CacheStep
 from .convert import block_mask_to_dense, to_dense
 from .masks import MaskMod, MaskModFn, as_mask, causal, full
+from .sparse import _plan as sparse_plan
 from .sparse import sparse_attention
 
 __all__ = ["MultiheadFlexAttention", "ScoreModFn"]
@@ -26,10 +27,11 @@ ScoreModFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 """``(score, b, h, q_idx, kv_idx) -> score``: torch's score_mod signature."""
 
 BACKENDS = ("auto", "flex", "sdpa", "sparse")
-SPARSE_MAX_DENSITY = 0.75
-"""``backend="auto"`` on CPU runs the sparse path when at most this fraction of the BlockMask's
-blocks is visited, SDPA with the dense mask above it (chosen from ``make bench``; see
-BENCHMARKS.md). Override per module with ``MultiheadFlexAttention(sparse_max_density=...)``."""
+SPARSE_MAX_DENSITY = 0.85
+"""``backend="auto"`` on CPU runs the sparse path when the BlockMask's visited fraction of blocks
+(gathered blocks counted twice, ``flexmask.sparse._Plan.cost``) is at most this, SDPA with the
+dense mask above it. Chosen from ``benchmarks/dispatch.py`` (BENCHMARKS.md); override per module
+with ``MultiheadFlexAttention(sparse_max_density=...)``."""
 _FLEX_DTYPES_CPU = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -49,12 +51,16 @@ class MultiheadFlexAttention(nn.Module):
     num_heads``.
 
     Backends:
-        ``"flex"``: compiled ``flex_attention`` (compiled once per process) on the BlockMask.
+        ``"flex"``: compiled ``flex_attention`` (compiled once per process) on the BlockMask;
+        inference only on CPU.
+        ``"sparse"``: ``sparse_attention``, SDPA over the BlockMask's visited blocks only;
+        trains on CPU (no ``score_mod``).
         ``"sdpa"``: ``scaled_dot_product_attention`` with the dense boolean mask (an explicit
         softmax when a ``score_mod`` is given).
-        ``"auto"``: flex, except where flex cannot run: on CPU with autograd on (FlexAttention
-        has no CPU backward; one warning per process says so), with dropout while training,
-        or in a dtype CPU flex lacks (float64); those run SDPA.
+        ``"auto"``: per call, from the mask and the device: no mask or ``full()`` -> SDPA
+        without a mask; ``causal()`` on a square problem -> SDPA ``is_causal``; other masks on
+        CPU -> sparse when at most ``sparse_max_density`` of the blocks are visited, else SDPA
+        dense; on CUDA -> flex. With a ``score_mod``: flex where it runs, else SDPA.
 
     Fully masked query rows (padding) give zeros on every backend, never NaN.
 
@@ -66,7 +72,9 @@ class MultiheadFlexAttention(nn.Module):
         dropout: attention-probability dropout while training.
         score_mod: optional ``(score, b, h, q_idx, kv_idx) -> score`` (ALiBi, soft-capping, ...).
         block_size: BlockMask tile size for masks the module builds itself.
-        backend: ``"auto"``, ``"flex"`` or ``"sdpa"``.
+        backend: ``"auto"``, ``"flex"``, ``"sparse"`` or ``"sdpa"``.
+        sparse_max_density: ``"auto"``'s threshold on CPU between the sparse path and dense
+            SDPA (default ``SPARSE_MAX_DENSITY``, chosen by ``make bench``).
 
     Example:
         >>> import torch, flexmask as fm
@@ -129,8 +137,12 @@ class MultiheadFlexAttention(nn.Module):
         self.dropout = dropout
         self.score_mod = score_mod
         self.block_size = check_block_size(block_size)
-        if isinstance(sparse_max_density, bool) or not isinstance(sparse_max_density, (int, float)) \
-                or not 0.0 <= sparse_max_density <= 1.0:  # fmt: skip
+        density = sparse_max_density
+        if (
+            isinstance(density, bool)
+            or not isinstance(density, (int, float))
+            or not 0 <= density <= 1
+        ):
             raise ValueError(
                 "MultiheadFlexAttention(sparse_max_density=...) must be a block density in "
                 f"[0, 1] (0: never the sparse path, 1: always), got {sparse_max_density!r}."
@@ -385,7 +397,7 @@ class MultiheadFlexAttention(nn.Module):
         if not on_cpu:
             return "sdpa" if dropout else "flex"
         bm = mask if isinstance(mask, BlockMask) else self._block_mask(mask, q, s_kv)
-        return "sparse" if _block_density(bm) <= self.sparse_max_density else "sdpa"
+        return "sparse" if sparse_plan(bm).cost <= self.sparse_max_density else "sdpa"
 
     def _block_mask(self, mask: MaskMod, q: Tensor, s_kv: int | None) -> BlockMask:
         return build_block_mask(
@@ -477,14 +489,6 @@ def masked_sdpa(
         q, k, v, attn_mask=dense | ~seen, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
     )
     return out.masked_fill(~seen, 0.0)
-
-
-def _block_density(bm: BlockMask) -> float:
-    """The fraction of a BlockMask's blocks that attention visits (partial or full)."""
-    visited = int(bm.kv_num_blocks.sum())
-    if bm.full_kv_num_blocks is not None:
-        visited += int(bm.full_kv_num_blocks.sum())
-    return visited / max(1, bm.kv_num_blocks.numel() * bm.kv_indices.shape[-1])
 
 
 def _gqa(q: Tensor, k: Tensor) -> bool:

@@ -26,6 +26,7 @@ from torch import Tensor
 from .attention import dense_mask_for, flex_attend, masked_sdpa
 from .convert import from_hf_attention_mask, to_hf_4d
 from .masks import MaskMod, as_mask, causal, full, shifted
+from .sparse import sparse_attention
 from .tree import Tree
 
 try:
@@ -42,7 +43,7 @@ except ImportError as err:  # pragma: no cover - the hf extra is missing
 
 __all__ = ["HFMask", "TreeVerification", "register", "tree_inputs", "unregister", "verify_tree"]
 
-BACKENDS = ("auto", "flex", "sdpa")
+BACKENDS = ("auto", "flex", "sdpa", "sparse")
 _REGISTERED: dict[str, str] = {}  # name -> backend, for names flexmask registered
 
 
@@ -62,8 +63,10 @@ def register(name: str = "flexmask", *, backend: str = "auto") -> str:
         name: the ``attn_implementation`` to use, e.g. ``from_config(..., attn_implementation=
             "flexmask")``; must not be one of Transformers' own.
         backend: ``"flex"`` (compiled FlexAttention on flexmask's BlockMask), ``"sdpa"`` (SDPA
-            with flexmask's dense mask) or ``"auto"``: flex on CUDA, SDPA on CPU, where flex has
-            no backward and compiles again for every new length while generating.
+            with flexmask's dense mask), ``"sparse"`` (``flexmask.sparse_attention``: only the
+            visited blocks, with backward, for long-sequence training on CPU) or ``"auto"``:
+            flex on CUDA, SDPA on CPU, where flex has no backward and compiles again for every
+            new length while generating.
 
     Example:
         >>> import flexmask.hf
@@ -172,7 +175,10 @@ def _attention_function(backend: str) -> Callable[..., tuple[Tensor, None]]:
                 "flexmask_mask=..."
             )
         use_flex = backend == "flex" or (backend == "auto" and query.device.type == "cuda")
-        if use_flex and not (module.training and dropout):
+        if backend == "sparse":
+            p = dropout if module.training else 0.0
+            out = sparse_attention(query, key, value, mask, scale=scaling, dropout_p=p)
+        elif use_flex and not (module.training and dropout):
             out = flex_attend(query, key, value, mask, scale=scaling)
         else:
             out = masked_sdpa(query, key, value, dense_mask_for(mask, query, key),

@@ -10,8 +10,10 @@ blocks, never to ``q_len x kv_len``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +63,7 @@ def sparse_attention(
         True
     """
     _check_inputs(q, k, v, dropout_p)
-    bsz, nh, s_q, dim = q.shape
+    bsz, nh, s_q, _ = q.shape
     nkv, s_kv = k.shape[1], k.shape[2]
     if not isinstance(mask, BlockMask):
         m = full() if mask is None else as_mask(mask, name="sparse_attention(mask=...)")
@@ -84,30 +86,113 @@ def sparse_attention(
     q_rows = _mask_rows(q, mb, mh, nqb * qbs)  # [Bm*Hm, hs, QB*qbs, D]
     k_rows = _mask_rows(k, mb, mh, nkvb * kvbs)
     v_rows = _mask_rows(v, mb, mh, nkvb * kvbs)
-    gqa = q_rows.shape[1] != k_rows.shape[1]
+    if not plan.runs:  # nothing visible: zeros, still in the graph so that gradients are zeros
+        inputs = q.sum() + k.sum() + v.sum()
+        never = torch.zeros((), dtype=torch.bool, device=q.device)
+        return q.new_zeros(q.shape) + torch.where(never, inputs, 0.0)
+    args = (plan, (qbs, kvbs), scale, dropout_p)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q_rows, k_rows, v_rows)):
+        result = _SparseRuns.apply(q_rows, k_rows, v_rows, *args)
+    else:
+        result = _attend_runs(q_rows, k_rows, v_rows, *args)
+    return _unblock(result, bsz, nh, mb, mh, nqb, qbs)[:, :, :s_q]
 
+
+def _attend_runs(
+    q_rows: Tensor,
+    k_rows: Tensor,
+    v_rows: Tensor,
+    plan: _Plan,
+    sizes: tuple[int, int],
+    scale: float | None,
+    dropout_p: float,
+    graphs: list[tuple[Tensor, ...]] | None = None,
+) -> Tensor:
+    """Every run of the plan, one SDPA call each: ``[Bm*Hm*QB, hs, qbs, D]`` query blocks.
+
+    With ``graphs``, each run's inputs are made leaves and its autograd graph is kept there as
+    ``(out, qg, kg, vg)`` for ``_SparseRuns.backward``."""
+    qbs, kvbs = sizes
+    gqa = q_rows.shape[1] != k_rows.shape[1]
     outs = []
     for run in plan.runs:
-        qg = _take(q_rows[run.row], run.qb, run.q_step, qbs)
-        kg = _take(k_rows[run.row], run.blocks, run.kv_step, kvbs)
-        vg = _take(v_rows[run.row], run.blocks, run.kv_step, kvbs)
-        out = F.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=run.attn_mask(q.dtype), dropout_p=dropout_p, scale=scale,
-            enable_gqa=gqa,
-        )  # fmt: skip
-        if run.blind is not None:  # queries that see no key: zeros, and zero gradients
-            out = out.masked_fill(run.blind, 0.0)
+        n = len(run.qb)
+        blocks = run.blocks[:1] if run.merged else run.blocks
+        if run.merged:  # consecutive query blocks, the same keys: one long query sequence
+            assert run.q_view is not None
+            qg = q_rows[run.row].narrow(1, run.q_view[0] * qbs, n * qbs).unsqueeze(0)
+        else:
+            qg = _take(q_rows[run.row], run.qb, run.q_view, qbs)
+        kg = _take(k_rows[run.row], blocks, run.kv_view, kvbs)
+        vg = _take(v_rows[run.row], blocks, run.kv_view, kvbs)
+        with torch.enable_grad() if graphs is not None else contextlib.nullcontext():
+            if graphs is not None:
+                qg, kg, vg = (t.detach().requires_grad_() for t in (qg, kg, vg))
+            out = F.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask=run.attn_mask(q_rows.dtype), dropout_p=dropout_p,
+                scale=scale, enable_gqa=gqa,
+            )  # fmt: skip
+            if run.blind is not None:  # queries that see no key: zeros, and zero gradients
+                out = out.masked_fill(run.blind, 0.0)
+        if graphs is not None:
+            graphs.append((out, qg, kg, vg))
+            out = out.detach()
+        if run.merged:
+            out = out.view(-1, n, qbs, out.shape[-1]).transpose(0, 1)
         outs.append(out)
-
-    if not outs:  # nothing visible: zeros, still in the graph so that gradients are zeros
-        inputs = q.sum() + k.sum() + v.sum()
-        return q.new_zeros(q.shape) + torch.where(torch.tensor(False), inputs, 0.0)
     if plan.order is None:  # the runs cover every query block in order
-        result = torch.cat(outs)
-    else:  # rows that visit no block stay zero
-        result = q.new_zeros(mb * mh * nqb, q_rows.shape[1], qbs, dim)
-        result = result.index_copy(0, plan.order, torch.cat(outs))
-    return _unblock(result, bsz, nh, mb, mh, nqb, qbs)[:, :, :s_q]
+        return torch.cat(outs)
+    rows, hs, _, dim = q_rows.shape  # rows that visit no block stay zero
+    result = q_rows.new_zeros(rows * (q_rows.shape[2] // qbs), hs, qbs, dim)
+    return result.index_copy(0, plan.order, torch.cat(outs))
+
+
+class _SparseRuns(torch.autograd.Function):
+    """The runs with a backward pass that writes each run's gradients into one buffer per input
+    (autograd through per-run views of q, k, v would add a full-size zero gradient per run)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, q_rows: Tensor, k_rows: Tensor, v_rows: Tensor, plan: _Plan,
+        sizes: tuple[int, int], scale: float | None, dropout_p: float,
+    ) -> Tensor:  # fmt: skip
+        graphs: list[tuple[Tensor, ...]] = []
+        result = _attend_runs(q_rows, k_rows, v_rows, plan, sizes, scale, dropout_p, graphs)
+        ctx.graphs, ctx.plan, ctx.sizes = graphs, plan, sizes
+        ctx.shapes = (q_rows.shape, k_rows.shape)
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        plan: _Plan = ctx.plan
+        qbs, kvbs = ctx.sizes
+        q_shape, k_shape = ctx.shapes
+        gq = grad.new_zeros(q_shape)
+        gk, gv = grad.new_zeros(k_shape), grad.new_zeros(k_shape)
+        q_blocks = gq.view(q_shape[0], q_shape[1], -1, qbs, q_shape[3])
+        grad_rows = grad if plan.order is None else grad.index_select(0, plan.order)
+        start = 0
+        for run, (out, qg, kg, vg) in zip(plan.runs, ctx.graphs, strict=True):
+            n = len(run.qb)
+            g = grad_rows[start : start + n]  # [n, hs, qbs, D]
+            start += n
+            if run.merged:
+                g = g.transpose(0, 1).reshape(1, g.shape[1], n * qbs, g.shape[3])
+            dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), g)
+            if run.merged:
+                dq = dq.view(-1, n, qbs, dq.shape[-1]).transpose(0, 1)
+            q_blocks[run.row][:, run.qb] = dq.reshape(n, -1, qbs, dq.shape[-1]).transpose(0, 1)
+            blocks = (run.blocks[:1] if run.merged else run.blocks).flatten()
+            for buffer, d in ((gk, dk), (gv, dv)):
+                hs, dim = d.shape[1], d.shape[-1]
+                # [m, hs, c*kvbs, D] -> [hs, m*c, kvbs, D]: one slice per key block, added in
+                # place (a block read by several rows gets all their gradients).
+                per_block = d.view(d.shape[0], hs, -1, kvbs, dim).transpose(0, 1)
+                buffer[run.row].view(hs, -1, kvbs, dim).index_add_(
+                    1, blocks, per_block.reshape(hs, -1, kvbs, dim)
+                )
+        ctx.graphs = None
+        return gq, gk, gv, None, None, None, None
 
 
 @dataclass
@@ -116,11 +201,12 @@ class _Run:
 
     row: int
     qb: Tensor
-    q_step: int | None  # see _step
+    q_view: tuple[int, int] | None  # see _view
     blocks: Tensor
-    kv_step: int | None
+    kv_view: tuple[int, int] | None
     allowed: Tensor | None  # [n, 1, qbs, c*kvbs] with blind queries opened; None: all full
     blind: Tensor | None  # [n, 1, qbs, 1] queries that see no key, None when there are none
+    merged: bool  # rows computed as one query sequence; allowed, blind: [1, 1, n*qbs, ...]
     additive: dict[torch.dtype, Tensor] = field(default_factory=dict)
 
     def attn_mask(self, dtype: torch.dtype) -> Tensor | None:
@@ -138,6 +224,15 @@ class _Plan:
     shape: tuple[int, int, int, int]  # the BlockMask's [Bm, Hm, QB, KVB]
     runs: list[_Run]
     order: Tensor | None  # the rows the runs' outputs fill; None: all rows in order
+    density: float  # the fraction of the BlockMask's blocks that are visited
+    gathered: float  # the fraction of visited blocks that are copied, not viewed
+
+    @property
+    def cost(self) -> float:
+        """The sparse path's cost relative to dense SDPA over every block, as
+        ``MultiheadFlexAttention(backend="auto")`` estimates it: gathered blocks count twice
+        (measured: copies, and non-consecutive blocks come with partial blocks on both sides)."""
+        return self.density * (1.0 + self.gathered)
 
 
 _PLANS = _LRU(16)
@@ -167,39 +262,50 @@ def _plan(bm: BlockMask) -> _Plan:
                 if not bool(seen.all()):
                     # SDPA would give NaN on a row with no key: open it, zero it afterwards.
                     allowed, blind = allowed | ~seen, ~seen
-            runs.append(_Run(r, qb, _step(qb[:, None]), blocks, _step(blocks), allowed, blind))
+            q_view, kv_view = _view(qb[:, None]), _view(blocks)
+            merged = len(qb) > 1 and q_view is not None and q_view[1] == 1 and kv_view is not None \
+                and kv_view[1] == 0  # fmt: skip
+            if merged:
+                allowed, blind = (None if t is None else t.view(1, 1, -1, t.shape[-1])
+                                  for t in (allowed, blind))  # fmt: skip
+            runs.append(_Run(r, qb, q_view, blocks, kv_view, allowed, blind, merged))
             done.append(r * nqb + qb)
     order: Tensor | None = torch.cat(done) if done else kinds.new_zeros(0, dtype=torch.long)
     everything = torch.arange(mb * mh * nqb, device=kinds.device)
     if order is not None and order.shape == everything.shape and bool((order == everything).all()):
         order = None
-    plan = _Plan((mb, mh, nqb, nkvb), runs, order)
+    sizes = [run.blocks.numel() for run in runs]
+    total = max(1, sum(sizes))
+    gathered = sum(n for n, run in zip(sizes, runs, strict=True) if run.kv_view is None) / total
+    density = float(visited.float().mean()) if visited.numel() else 0.0
+    plan = _Plan((mb, mh, nqb, nkvb), runs, order, density, gathered)
     _PLANS.put((id(bm),), (bm, plan))
     return plan
 
 
-def _step(blocks: Tensor) -> int | None:
-    """The constant step between the first blocks of the rows of ``blocks [n, c]`` when each
-    row's blocks are consecutive (the rows are then strided windows of one tensor), else None."""
+def _view(blocks: Tensor) -> tuple[int, int] | None:
+    """``(first block, step)`` when each row of ``blocks [n, c]`` is consecutive and the rows'
+    first blocks advance by a constant step (the rows are strided windows of one tensor)."""
     starts = blocks[:, 0]
     step = int(starts[1] - starts[0]) if len(starts) > 1 else 0
     if step < 0 or not bool((blocks.diff(dim=1) == 1).all()):
         return None
     if len(starts) > 2 and not bool((starts.diff() == step).all()):
         return None
-    return step
+    return int(starts[0]), step
 
 
-def _take(x: Tensor, blocks: Tensor, step: int | None, bs: int) -> Tensor:
+def _take(x: Tensor, blocks: Tensor, view: tuple[int, int] | None, bs: int) -> Tensor:
     """Blocks of ``x [hs, L, D]`` side by side per row: ``blocks [n]`` or ``[n, c]`` ->
-    ``[n, hs, c*bs, D]``; a strided view (no copy) when ``step`` is known, else a gather."""
+    ``[n, hs, c*bs, D]``; a strided view (no copy) when ``view`` is known, else a gather."""
     blocks = blocks.reshape(blocks.shape[0], -1)
     n, c = blocks.shape
     hs, _, dim = x.shape
-    if step is None:
+    if view is None:
         g = x.view(hs, -1, bs, dim).index_select(1, blocks.flatten())
         return g.view(hs, n, c * bs, dim).transpose(0, 1)
-    first = x.narrow(1, int(blocks[0, 0]) * bs, ((n - 1) * step + c) * bs)
+    start, step = view
+    first = x.narrow(1, start * bs, ((n - 1) * step + c) * bs)
     if step == 0:  # every row reads the same keys (the query blocks of one document)
         return first.unsqueeze(0).expand(n, hs, c * bs, dim)
     return first.unfold(1, c * bs, step * bs).permute(1, 0, 3, 2)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import flexmask as fm
-import flexmask.attention as attention_module
 from tests import reference as ref
 
 E, H = 32, 4

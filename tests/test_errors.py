@@ -262,6 +262,11 @@ BAD_MODULES = [
         r"block_size=... must be a positive multiple of 16",
     ),
     (
+        lambda: MHA(32, 4, sparse_max_density=1.5),
+        ValueError,
+        r"MultiheadFlexAttention\(sparse_max_density=...\) must be a block density in \[0, 1\]",
+    ),
+    (
         lambda: MHA(32, 4, score_mod=3),
         TypeError,
         r"MultiheadFlexAttention\(score_mod=...\) must be a callable",

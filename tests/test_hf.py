@@ -208,6 +208,22 @@ def test_flex_backend_equals_sdpa_in_prefill():
         hf.unregister("flexmask-flex")
 
 
+def test_sparse_backend_equals_sdpa_and_trains():
+    hf.register("flexmask-sparse", backend="sparse")
+    try:
+        model, ref_model = tiny("llama", "flexmask-sparse"), tiny("llama", "sdpa")
+        ids, am = left_padded()
+        real = am.bool()
+        got, want = logits(model, ids, attention_mask=am), logits(ref_model, ids, attention_mask=am)
+        torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+        for m in (model, ref_model):  # the same weights, so the same gradients
+            m(ids, attention_mask=am, labels=ids).loss.backward()
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+    finally:
+        hf.unregister("flexmask-sparse")
+
+
 def test_mask_function_accepts_both_transformers_signatures():
     # transformers >= 5.4 passes q_length/q_offset; before, cache_position (the query positions).
     am = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]).bool()

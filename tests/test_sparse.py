@@ -54,10 +54,26 @@ def test_matches_float64_golden_for_random_masks(pair, block_size, heads):
         assert rel_err(g, w) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["causal", "causal_padding", "window_or_chunk", "documents"])
+def _more_cases(s):
+    """Bidirectional documents and a prefix: query blocks that read the same keys are merged
+    into one SDPA call."""
+    return {
+        "bidirectional_documents": (fm.packed([150, 150]), ref.packed(s, s, [150, 150])),
+        "prefix_padding": (
+            fm.prefix_lm(140) & fm.padding([s, 200]),
+            ref.prefix_lm(s, s, 140) & ref.padding(s, s, [s, 200]),
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["causal", "causal_padding", "window_or_chunk", "documents", "bidirectional_documents",
+     "prefix_padding"],
+)  # fmt: skip
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
 def test_float32_within_2e6_of_float64_golden(name, heads):
-    mask, oracle = masks_and_oracles(300, 300)[name]
+    mask, oracle = {**masks_and_oracles(300, 300), **_more_cases(300)}[name]
     got, want = run_both(mask, _dense4(oracle), 2, *heads, 300, 300, 32, 64, torch.float32)
     for g, w in zip(got, want, strict=True):
         assert rel_err(g, w) < 2e-6

@@ -1,0 +1,146 @@
+"""Write ``BENCHMARKS.md`` from the results of ``make bench`` (the last step of it): the machine,
+the date, the goals of the performance issue checked against the numbers, the summary tables and
+the plots. Every number in it comes from ``benchmarks/results/*.json``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from _results import RESULTS
+
+ROOT = RESULTS.parent.parent
+GOAL_TOKENS = 8192
+GOAL_FAMILIES = ["sliding_window(256)", "8 documents"]
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def rows_by_case(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        cases.setdefault((r["family"], r["tokens"], r["dtype"]), {})[r["method"]] = r
+    return cases
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def goals(fwd: dict, bwd: dict, build: dict, memory: dict) -> list[str]:
+    lines = ["| goal | measured | |", "|---|---|---|"]
+    big = [r for r in build["rows"] if r["tokens"] == 16384]
+    worst = min(big, key=lambda r: r["compiled_over_tiles"])
+    speedups = ", ".join(f"{r['mask']} {r['compiled_over_tiles']:.0f}x" for r in big)
+    lines.append(
+        f"| BlockMask building at 16384 tokens ≥ 20x faster than steady compiled "
+        f"`create_block_mask` | {speedups} | {verdict(worst['compiled_over_tiles'] >= 20)} |"
+    )
+    tiles = [r for r in memory["rows"] if r["method"] == "tiles"]
+    per_block = ", ".join(f"{r['what'].removeprefix('build ')} {r['tokens']}: "
+                          f"{r['kib_per_block']:.2f}" for r in tiles)  # fmt: skip
+    lines.append(f"| BlockMask building memory ∝ blocks, not tokens² (peak rise, KiB per visited "
+                 f"block) | {per_block} | see the memory table |")  # fmt: skip
+    f_cases, b_cases = rows_by_case(fwd["rows"]), rows_by_case(bwd["rows"])
+    for family in GOAL_FAMILIES:
+        by = f_cases.get((family, GOAL_TOKENS, "float32"))
+        if by is None:
+            continue
+        sp, fl = by["sparse"], by.get("flex")
+        rate = sp["gflops_visited"]
+        lines.append(f"| sparse forward, {family}, {GOAL_TOKENS}: ≥ 190 GFLOP/s on visited blocks "
+                     f"| {rate:.0f} GFLOP/s ({sp['peak_fraction']:.0%} of the run's fp32 matmul "
+                     f"peak) | {verdict(rate >= 190)} |")  # fmt: skip
+        if fl:
+            ratio = fl["ms"] / sp["ms"]
+            lines.append(f"| sparse forward, {family}, {GOAL_TOKENS}: ≥ 2x faster than compiled "
+                         f"flex | {ratio:.2f}x ({sp['ms']:.0f} ms vs {fl['ms']:.0f} ms) "
+                         f"| {verdict(ratio >= 2)} |")  # fmt: skip
+        bb = b_cases.get((family, GOAL_TOKENS, "float32"))
+        if bb is not None:
+            ratio = bb["sdpa dense"]["ms"] / bb["sparse"]["ms"]
+            lines.append(f"| sparse forward+backward, {family}, {GOAL_TOKENS}: ≥ 5x faster than "
+                         f"SDPA with the dense mask | {ratio:.1f}x ({bb['sparse']['ms']:.0f} ms vs "
+                         f"{bb['sdpa dense']['ms']:.0f} ms) | {verdict(ratio >= 5)} |")  # fmt: skip
+    for kind, cases in (("forward", f_cases), ("forward+backward", b_cases)):
+        ratios = []
+        for key, by in cases.items():
+            fastest = min(by[m]["ms"] for m in by if m != "auto")
+            ratios.append((by["auto"]["ms"] / fastest, key, by["auto"]["auto_picks"]))
+        within = sum(r <= 1.10 for r, _, _ in ratios)
+        worst_r, worst_key, picked = max(ratios)
+        lines.append(f"| `auto` within 10% of the fastest backend, {kind} | {within} of "
+                     f"{len(ratios)} cases; worst {worst_r:.2f}x ({' '.join(map(str, worst_key))}, "
+                     f"picked {picked}) | {verdict(within == len(ratios))} |")  # fmt: skip
+    return lines
+
+
+def table(name: str) -> str:
+    return (RESULTS / f"{name}.md").read_text()
+
+
+def main() -> None:
+    fwd, bwd = load("attention_forward"), load("attention_backward")
+    build, memory = load("block_build"), load("memory")
+    meta = fwd["meta"]
+    peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in meta["matmul_peak_gflops"].items())
+    parts = [
+        "# Benchmarks",
+        "",
+        f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores, {meta['threads']} "
+        f"threads), torch {meta['torch']}, Python {meta['python']}, device `{meta['device']}`; "
+        f"B·H = {meta['heads']}, head dim {meta['head_dim']}, median of {meta['repeats']} "
+        f"round-robin repetitions after a warm-up. Matmul peak of the same run: {peaks}.",
+        "",
+        "Reproduce with `make bench` (about 40 minutes; writes `benchmarks/results/` and this "
+        "file); `make bench-quick` is the smoke run CI does. The machine is shared: read ratios "
+        "between methods of one run, not absolute times (they drift 20–30%).",
+        "",
+        "## Goals",
+        "",
+        *goals(fwd, bwd, build, memory),
+        "",
+        "## Attention forward: summary",
+        "",
+        "`flex / sparse` and `SDPA dense / sparse` are speed-ups of the sparse path (>1: sparse "
+        "is faster). Full table with densities, GFLOP/s on visited blocks and on allowed "
+        "elements, fraction of the matmul peak: "
+        "[attention_forward.md](benchmarks/results/attention_forward.md).",
+        "",
+        table("attention_forward_summary"),
+        "![forward vs tokens](figures/bench/attention_forward_vs_tokens.png)",
+        "",
+        "![forward vs density](figures/bench/attention_forward_vs_density.png)",
+        "",
+        "## Attention forward + backward: summary",
+        "",
+        "FlexAttention has no CPU backward, so it is absent here. Full table: "
+        "[attention_backward.md](benchmarks/results/attention_backward.md).",
+        "",
+        table("attention_backward_summary"),
+        "![forward+backward vs tokens](figures/bench/attention_backward_vs_tokens.png)",
+        "",
+        "## Dispatch: sparse path or dense SDPA",
+        "",
+        '`MultiheadFlexAttention(backend="auto")` runs the sparse path on CPU when `cost` '
+        "(block density, with blocks that must be gathered counted twice) is at most "
+        "`SPARSE_MAX_DENSITY`; this table is what chose it (4096 tokens).",
+        "",
+        table("dispatch"),
+        "## BlockMask building",
+        "",
+        table("block_build"),
+        "## Memory",
+        "",
+        "Peak resident memory rise during one call (after a warm-up call).",
+        "",
+        table("memory"),
+    ]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
