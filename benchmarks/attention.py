@@ -19,7 +19,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -165,16 +170,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
     parser.add_argument("--quick", action="store_true", help="a smoke run (CI)")
+    parser.add_argument("--case", type=int, help=argparse.SUPPRESS)  # run one case (a child)
+    parser.add_argument("--rows-to", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     dev = device()
     warmup, repeats = (1, 1) if args.quick else (1, 3)
     cases = [(n, dtype, name, spec) for n, dtype, names in plan(args.quick, args.backward)
              for name, spec in families(n).items() if names is None or name in names]  # fmt: skip
+    if args.case is not None:
+        n, dtype, name, (mask, gym_mask, bsz) = cases[args.case]
+        rows = run_case(name, mask, gym_mask, bsz, n, dtype, args.backward, dev, warmup, repeats)
+        args.rows_to.write_text(json.dumps(rows))
+        return
     peaks = {str(d).removeprefix("torch."): matmul_peak(d, dev) for d in {c[1] for c in cases}}
     bar, rows = Progress(len(cases)), []
-    for n, dtype, name, (mask, gym_mask, bsz) in cases:
-        bar.step(f"{n} {name} {dtype}")
-        rows += run_case(name, mask, gym_mask, bsz, n, dtype, args.backward, dev, warmup, repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (n, dtype, name, _) in enumerate(cases):
+            bar.step(f"{n} {name} {dtype}")
+            # A fresh process per case: what one case compiles and caches (graphs, BlockMasks,
+            # allocator pools) never adds up to the next one's memory (16384 tokens ran out).
+            out = Path(tmp) / f"{i}.json"
+            extra = ["--backward"] if args.backward else []
+            extra += ["--quick"] if args.quick else []
+            subprocess.run([sys.executable, __file__, "--case", str(i), "--rows-to", str(out),
+                            *extra], check=True)  # fmt: skip
+            rows += json.loads(out.read_text())
     for r in rows:
         r["peak_fraction"] = r["gflops_visited"] / peaks[r["dtype"]]
     kind = "backward" if args.backward else "forward"

@@ -149,6 +149,7 @@ class MultiheadFlexAttention(nn.Module):
             )
         self.backend = backend
         self.sparse_max_density = float(sparse_max_density)
+        self._last_choice: tuple[object, tuple[object, ...], str] | None = None
         kw: dict[str, Any] = {"device": device, "dtype": dtype, "bias": bias}
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, **kw)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
@@ -352,11 +353,14 @@ class MultiheadFlexAttention(nn.Module):
         self, q: Tensor, mask: MaskMod | BlockMask | None = None, s_kv: int | None = None
     ) -> str:
         """One of "flex", "sdpa", "sparse", "sdpa_causal" (SDPA ``is_causal``) for this call."""
-        needs_grad = torch.is_grad_enabled() and (
-            q.requires_grad or any(p.requires_grad for p in self.parameters())
-        )
         dropout = self.training and self.dropout > 0
         on_cpu = q.device.type == "cpu"
+
+        def needs_grad() -> bool:
+            return torch.is_grad_enabled() and (
+                q.requires_grad or any(p.requires_grad for p in self.parameters())
+            )
+
         if self.backend == "sdpa":
             return "sdpa"
         if self.backend == "sparse":
@@ -367,7 +371,7 @@ class MultiheadFlexAttention(nn.Module):
                 )
             return "sparse"
         if self.backend == "flex":
-            if on_cpu and needs_grad:
+            if on_cpu and needs_grad():
                 raise RuntimeError(
                     "backend='flex' cannot train on CPU: FlexAttention has no CPU backward pass. "
                     "Use backend='auto' or 'sparse' (block-sparse, with backward) or 'sdpa', or "
@@ -386,18 +390,26 @@ class MultiheadFlexAttention(nn.Module):
             return "flex"
         # auto
         if self.score_mod is not None:  # only flex and the explicit softmax take a score_mod
-            flex_ok = not dropout and not (
-                on_cpu and (needs_grad or q.dtype not in _FLEX_DTYPES_CPU)
-            )
-            return "flex" if flex_ok else "sdpa"
+            cpu_flex_ok = not needs_grad() and q.dtype in _FLEX_DTYPES_CPU
+            return "flex" if not dropout and (not on_cpu or cpu_flex_ok) else "sdpa"
         if mask is None or (isinstance(mask, MaskMod) and mask == full()):
             return "sdpa"  # no mask at all
         if isinstance(mask, MaskMod) and mask == causal() and s_kv == q.shape[2]:
             return "sdpa_causal"
-        if not on_cpu:
-            return "sdpa" if dropout else "flex"
+        if on_cpu:
+            return self._sparse_or_dense(q, mask, s_kv)
+        return "sdpa" if dropout else "flex"
+
+    def _sparse_or_dense(self, q: Tensor, mask: MaskMod | BlockMask, s_kv: int | None) -> str:
+        # Remember the last answer: every step of a model asks again with the same mask.
+        key = (tuple(q.shape), s_kv, self.sparse_max_density)
+        last = self._last_choice
+        if last is not None and last[0] is mask and last[1] == key:
+            return last[2]
         bm = mask if isinstance(mask, BlockMask) else self._block_mask(mask, q, s_kv)
-        return "sparse" if sparse_plan(bm).cost <= self.sparse_max_density else "sdpa"
+        choice = "sparse" if sparse_plan(bm).cost <= self.sparse_max_density else "sdpa"
+        self._last_choice = (mask, key, choice)
+        return choice
 
     def _block_mask(self, mask: MaskMod, q: Tensor, s_kv: int | None) -> BlockMask:
         return build_block_mask(
