@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--rows-to", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     dev = device()
-    warmup, repeats = (1, 1) if args.quick else (1, 3)
+    warmup, repeats = (1, 1) if args.quick else (1, 5)
     cases = [(n, dtype, name, spec) for n, dtype, names in plan(args.quick, args.backward)
              for name, spec in families(n).items() if names is None or name in names]  # fmt: skip
     if args.case is not None:

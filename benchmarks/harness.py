@@ -4,6 +4,7 @@ progress bar on stderr, the matmul peak of this run, and plots under ``figures/b
 
 from __future__ import annotations
 
+import random
 import statistics
 import sys
 import time
@@ -38,14 +39,17 @@ def _sync(dev: torch.device) -> None:
 def measure(
     methods: dict[str, Callable[[], object]], *, warmup: int, repeats: int, dev: torch.device
 ) -> dict[str, Timing]:
-    """Time each method ``repeats`` times after ``warmup`` calls (compiling, caching), round-robin
-    so that drift hits every method alike."""
+    """Time each method ``repeats`` times after ``warmup`` calls (compiling, caching), in rounds
+    that run every method once, so that drift hits them all alike; each round in a new (seeded)
+    order, so that no method always runs right after the same neighbour (one that leaves threads
+    spinning or memory to give back would otherwise tax it every time)."""
     for _ in range(warmup):
         for fn in methods.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
+    for rep in range(repeats):
+        for name in random.Random(rep).sample(list(methods), len(methods)):
+            fn = methods[name]
             _sync(dev)
             start = time.perf_counter()
             fn()

@@ -252,6 +252,20 @@ class MultiheadFlexAttention(nn.Module):
             )
         return self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.embed_dim))
 
+    def backend_for(
+        self, x: Tensor, context: Tensor | None = None, *, mask: MaskModFn | BlockMask | None = None
+    ) -> str:
+        """The backend ``forward(x, context, mask=mask)`` runs now (without a cache):
+        ``"flex"``, ``"sparse"``, ``"sdpa"`` (dense mask, or none) or ``"sdpa_causal"``
+        (SDPA's ``is_causal`` kernel). Depends on autograd being on, ``train()``/``eval()``."""
+        self._check_input(x, context)
+        s_kv = x.shape[1] if context is None else context.shape[1]
+        if mask is not None and not isinstance(mask, BlockMask):
+            mask = as_mask(mask, name="backend_for(mask=...)")
+        q = torch.empty(x.shape[0], self.num_heads, x.shape[1], 0, device=x.device,
+                        dtype=self.q_proj.weight.dtype, requires_grad=x.requires_grad)  # fmt: skip
+        return self._choose_backend(q, mask, s_kv)
+
     def _forward_cached(
         self,
         x: Tensor,

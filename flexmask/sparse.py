@@ -1,11 +1,14 @@
 """Block-sparse attention from a BlockMask with dense kernels: runs (and trains) on CPU.
 
-Every query block attends to the key blocks its BlockMask row visits. Rows that visit the same
-number of blocks form one group: their keys and values are gathered into ``[rows, heads,
-visited * block, D]`` and one ``scaled_dot_product_attention`` call computes the group, with an
-element mask only where a group holds a partial block. Autograd differentiates through the
-gathers and SDPA, so the backward pass is sparse too. Memory is proportional to the visited
-blocks, never to ``q_len x kv_len``.
+Every query block attends to the key blocks its BlockMask row visits. Query blocks are grouped
+into *runs* that one ``scaled_dot_product_attention`` call computes: rows visiting the same
+number ``c`` of consecutive key blocks, with query and key starts advancing by constant steps,
+are strided views of q, k, v (no copy: a sliding window is one run per count); query blocks that
+read the same keys (a bidirectional document) are merged into one long query sequence; other
+rows are gathered. An element mask exists only for runs holding partial blocks; it is evaluated
+once per BlockMask and cached with the runs (the *plan*). The backward pass keeps each run's
+SDPA graph and adds its gradients into one buffer per input. Memory is proportional to the
+visited blocks, never to ``q_len x kv_len``.
 """
 
 from __future__ import annotations

@@ -220,3 +220,31 @@ def test_sparse_refuses_score_mod_and_bad_inputs():
         fm.sparse_attention(q, q, q, bm)
     with pytest.raises(ValueError, match="dropout_p"):
         fm.sparse_attention(q, q, q, dropout_p=1.0)
+
+
+def test_sparse_dropout_only_while_training():
+    torch.manual_seed(3)
+    x = torch.randn(2, 40, E, requires_grad=True)
+    module = fm.MultiheadFlexAttention(E, H, dropout=0.5, backend="sparse", block_size=16)
+    mask = fm.sliding_window(12)
+    a, b = module(x, mask=mask), module(x, mask=mask)
+    assert not torch.equal(a, b)
+    a.sum().backward()  # dropout masks are kept for the backward pass
+    assert x.grad is not None and not x.grad.isnan().any()
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x, mask=mask), module(x, mask=mask), rtol=0, atol=0)
+
+
+def test_backend_for_says_what_forward_runs():
+    module = fm.MultiheadFlexAttention(E, H, block_size=16)
+    x = torch.randn(2, 64, E)
+    assert module.backend_for(x, mask=fm.causal()) == "sdpa_causal"
+    assert module.backend_for(x, torch.randn(2, 48, E), mask=fm.causal()) == "sparse"
+    assert module.backend_for(x, mask=fm.packed([32, 32]) & fm.causal()) == "sparse"
+    assert module.backend_for(x) == "sdpa"
+    module.backend = "flex"
+    with torch.no_grad():
+        assert module.backend_for(x) == "flex"
+    with pytest.raises(RuntimeError, match="cannot train on CPU"):  # the weights need gradients
+        module.backend_for(x)
