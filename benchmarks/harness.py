@@ -37,15 +37,26 @@ def _sync(dev: torch.device) -> None:
 
 
 def measure(
-    methods: dict[str, Callable[[], object]], *, warmup: int, repeats: int, dev: torch.device
+    methods: dict[str, Callable[[], object]],
+    *,
+    warmup: int,
+    repeats: int,
+    dev: torch.device,
+    budget_s: float = 0.0,
+    max_repeats: int = 25,
 ) -> dict[str, Timing]:
     """Time each method ``repeats`` times after ``warmup`` calls (compiling, caching), in rounds
     that run every method once, so that drift hits them all alike; each round in a new (seeded)
     order, so that no method always runs right after the same neighbour (one that leaves threads
-    spinning or memory to give back would otherwise tax it every time)."""
-    for _ in range(warmup):
+    spinning or memory to give back would otherwise tax it every time). With ``budget_s``, as
+    many rounds as fit in it (at least ``repeats``, at most ``max_repeats``)."""
+    for i in range(warmup):
+        start = time.perf_counter()
         for fn in methods.values():
             fn()
+        if i == warmup - 1 and budget_s:  # fast cases get more rounds: their noise is larger
+            rounds = budget_s / max(time.perf_counter() - start, 1e-9)
+            repeats = max(repeats, min(max_repeats, int(rounds)))
     times: dict[str, list[float]] = {name: [] for name in methods}
     for rep in range(repeats):
         for name in random.Random(rep).sample(list(methods), len(methods)):

@@ -3,8 +3,8 @@ for CI). Writes ``benchmarks/results/memory[_quick].{json,md}``.
 
 Each measurement runs once to warm up (compiling, caches), then the process's peak resident
 memory is reset (Linux ``/proc/self/clear_refs``) and the call is run again: the table shows
-how far the peak rose above the memory held before the call. CPU only (a GPU would need
-``torch.cuda.max_memory_allocated``; this script says so and exits there).
+how far the peak rose above the memory held before the call. Host memory, so it runs on CPU
+even where a GPU exists (GPU memory would be ``torch.cuda.max_memory_allocated``).
 """
 
 from __future__ import annotations
