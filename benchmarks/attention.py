@@ -1,7 +1,7 @@
 """Attention time per mask family, size and dtype: flexmask's backends against their peers, in
 the same run (``make bench``; ``--backward`` times forward + backward; ``--quick`` is the smoke
-run CI does). Writes ``benchmarks/results/attention_{forward,backward}[_quick].{json,md}`` and
-plots under ``figures/bench/``.
+run CI does). Writes ``benchmarks/results/attention_{forward,backward}[_quick].{json,md}``
+(``report.py`` draws them under ``figures/bench/``).
 
 Peers: SDPA with the dense boolean mask, SDPA ``is_causal`` (causal only), compiled
 ``flex_attention`` (forward only on CPU) on the BlockMask of ``torch.compile(create_block_mask)``
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from _results import save
-from harness import Progress, attention_flops, device, matmul_peak, measure, save_plot
+from harness import Progress, attention_flops, device, matmul_peak, measure
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import flexmask as fm
@@ -225,8 +225,6 @@ def main() -> None:
         repeats=repeats,
     )  # fmt: skip
     summarise(name, rows)
-    if not args.quick:
-        plots(kind, rows)
 
 
 def summarise(name: str, rows: list[dict]) -> None:
@@ -261,25 +259,6 @@ def summarise(name: str, rows: list[dict]) -> None:
                    fmt(r["auto_over_fastest"], ".2f"), fmt(r["flex_over_sparse"], ".2f"),
                    fmt(r["dense_over_sparse"], ".2f"), fmt(r["sparse_gflops"], ".0f")],
     )  # fmt: skip
-
-
-def plots(kind: str, rows: list[dict]) -> None:
-    by_tokens: dict[str, dict[str, list]] = {}
-    by_density: dict[str, dict[str, list]] = {}
-    for r in rows:
-        if r["dtype"] != "float32" or r["method"] == "auto":
-            continue
-        by_tokens.setdefault(r["family"], {}).setdefault(r["method"], []).append(
-            (r["tokens"], r["ms"])
-        )
-        if r["tokens"] == 8192:
-            by_density.setdefault("8192 tokens, float32", {}).setdefault(r["method"], []).append(
-                (r["block_density"], r["ms"])
-            )
-    save_plot(f"attention_{kind}_vs_tokens", by_tokens, xlabel="tokens", ylabel="ms")
-    if by_density:
-        save_plot(f"attention_{kind}_vs_density", by_density, xlabel="block density",
-                  ylabel="ms", logx=False)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def attention_flops(visited_elements: int, head_dim: int, heads: int, backward: 
 
 
 def save_plot(name: str, panels: dict[str, dict[str, list[tuple[float, float]]]], *,
-              xlabel: str, ylabel: str, logx: bool = True) -> Path:  # fmt: skip
+              xlabel: str, ylabel: str, logx: bool = True, lines: bool = True) -> Path:  # fmt: skip
     """One PNG with a panel per key of ``panels``, one line per method: ``[(x, y), ...]``."""
     from matplotlib.figure import Figure
 
@@ -114,10 +114,10 @@ def save_plot(name: str, panels: dict[str, dict[str, list[tuple[float, float]]]]
     rows = -(-len(panels) // cols)
     fig = Figure(figsize=(4 * cols, 3.2 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
-    for ax, (title, lines) in zip(axes, panels.items(), strict=False):
-        for method, points in sorted(lines.items()):
+    for ax, (title, by_method) in zip(axes, panels.items(), strict=False):
+        for method, points in sorted(by_method.items()):
             xs, ys = zip(*sorted(points), strict=True)
-            ax.plot(xs, ys, marker="o", label=method)
+            ax.plot(xs, ys, marker="o", linestyle="-" if lines else "none", label=method)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

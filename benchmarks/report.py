@@ -1,6 +1,7 @@
 """Write ``BENCHMARKS.md`` from the results of ``make bench`` (the last step of it): the machine,
 the date, the goals of the performance issue checked against the numbers, the summary tables and
-the plots. Every number in it comes from ``benchmarks/results/*.json``."""
+the plots (drawn here, under ``figures/bench/``). Every number in it comes from
+``benchmarks/results/*.json``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from typing import Any
 
 from _results import RESULTS
+from harness import save_plot
 
 ROOT = RESULTS.parent.parent
 GOAL_TOKENS = 8192
@@ -93,12 +95,33 @@ def goals(fwd: dict, bwd: dict, build: dict, memory: dict) -> list[str]:
     return lines
 
 
+def plots(kind: str, rows: list[dict]) -> None:
+    by_tokens: dict[str, dict[str, list]] = {}
+    by_density: dict[str, dict[str, list]] = {}
+    for r in rows:
+        if r["dtype"] != "float32" or r["method"] == "auto":
+            continue
+        by_tokens.setdefault(r["family"], {}).setdefault(r["method"], []).append(
+            (r["tokens"], r["ms"])
+        )
+        if r["tokens"] == 8192:
+            by_density.setdefault("8192 tokens, float32", {}).setdefault(r["method"], []).append(
+                (r["block_density"], r["ms"])
+            )
+    save_plot(f"attention_{kind}_vs_tokens", by_tokens, xlabel="tokens", ylabel="ms")
+    if by_density:  # one point per family: not a curve
+        save_plot(f"attention_{kind}_vs_density", by_density, xlabel="block density",
+                  ylabel="ms", logx=False, lines=False)  # fmt: skip
+
+
 def table(name: str) -> str:
     return (RESULTS / f"{name}.md").read_text()
 
 
 def main() -> None:
     fwd, bwd = load("attention_forward"), load("attention_backward")
+    plots("forward", fwd["rows"])
+    plots("backward", bwd["rows"])
     build, memory = load("block_build"), load("memory")
     meta = fwd["meta"]
     peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in meta["matmul_peak_gflops"].items())
@@ -141,6 +164,8 @@ def main() -> None:
         "",
         table("attention_backward_summary"),
         "![forward+backward vs tokens](figures/bench/attention_backward_vs_tokens.png)",
+        "",
+        "![forward+backward vs density](figures/bench/attention_backward_vs_density.png)",
         "",
         "## Dispatch: sparse path or dense SDPA",
         "",
