@@ -59,8 +59,9 @@ class MultiheadFlexAttention(nn.Module):
         softmax when a ``score_mod`` is given).
         ``"auto"``: per call, from the mask and the device: no mask or ``full()`` -> SDPA
         without a mask; ``causal()`` on a square problem -> SDPA ``is_causal``; other masks on
-        CPU -> sparse when at most ``sparse_max_density`` of the blocks are visited, else SDPA
-        dense; on CUDA -> flex. With a ``score_mod``: flex where it runs, else SDPA.
+        CPU -> sparse when the fraction of blocks visited (those that must be gathered counted
+        twice) is at most ``sparse_max_density``, else SDPA dense; on CUDA -> flex. With a
+        ``score_mod``: flex where it runs, else SDPA. ``backend_for`` says which, for an input.
 
     Fully masked query rows (padding) give zeros on every backend, never NaN.
 
@@ -290,14 +291,12 @@ class MultiheadFlexAttention(nn.Module):
         step: Any = (
             mask if isinstance(mask, BlockMask) else _CacheStep(mask or full(), start, counts)
         )
-        if self.backend != "auto":
-            backend = self._choose_backend(q)
-        elif q.device.type == "cpu" or self.score_mod is not None or self.training:
+        if self.backend == "auto" and q.device.type == "cpu":
             # The dense step mask is only S x max_len; on CPU, benchmarks/decode.py measured SDPA
             # faster than flex in 11 of 12 decode cases (up to 2.2x), 6% slower in the last.
             backend = "sdpa"
         else:
-            backend = "flex"
+            backend = self._choose_backend(q, step, cache.max_len)
         if backend in ("flex", "sparse"):
             if not isinstance(step, BlockMask):  # built per call: O(S x max_len), no recompile
                 step = build_block_mask(

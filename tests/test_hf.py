@@ -195,27 +195,29 @@ def test_bad_tree_inputs(models):
         hf.tree_inputs(torch.arange(3), [[1, 2]])
 
 
+def prefill_against_sdpa(backend):
+    """A tiny Llama on flexmask's ``backend`` and on sdpa (the same weights), and their logits
+    on a left-padded batch compared at the real tokens."""
+    name = hf.register(f"flexmask-{backend}", backend=backend)
+    model, ref_model = tiny("llama", name), tiny("llama", "sdpa")
+    ids, am = left_padded()
+    real = am.bool()
+    got, want = logits(model, ids, attention_mask=am), logits(ref_model, ids, attention_mask=am)
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+    return model, ref_model, ids, am
+
+
 @pytest.mark.slow
 def test_flex_backend_equals_sdpa_in_prefill():
-    hf.register("flexmask-flex", backend="flex")
     try:
-        model, ref_model = tiny("llama", "flexmask-flex"), tiny("llama", "sdpa")
-        ids, am = left_padded()
-        real = am.bool()
-        got, want = logits(model, ids, attention_mask=am), logits(ref_model, ids, attention_mask=am)
-        torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+        prefill_against_sdpa("flex")
     finally:
         hf.unregister("flexmask-flex")
 
 
 def test_sparse_backend_equals_sdpa_and_trains():
-    hf.register("flexmask-sparse", backend="sparse")
     try:
-        model, ref_model = tiny("llama", "flexmask-sparse"), tiny("llama", "sdpa")
-        ids, am = left_padded()
-        real = am.bool()
-        got, want = logits(model, ids, attention_mask=am), logits(ref_model, ids, attention_mask=am)
-        torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+        model, ref_model, ids, am = prefill_against_sdpa("sparse")
         for m in (model, ref_model):  # the same weights, so the same gradients
             m(ids, attention_mask=am, labels=ids).loss.backward()
         for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
