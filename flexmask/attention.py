@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ._checks import check_block_size
-from .block import RECOMPILE_LIMIT, cached_dense
+from .block import RECOMPILE_LIMIT, block_mask_for, cached_dense
 from .block import block_mask as build_block_mask
 from .cache import KVCache, _CacheStep
 from .convert import block_mask_to_dense, to_dense
@@ -241,9 +241,7 @@ class MultiheadFlexAttention(nn.Module):
         if backend == "flex":
             out = self._flex(q, k, v, mask)
         elif backend == "sparse":
-            if not isinstance(mask, BlockMask):
-                mask = self._block_mask(mask or full(), q, s_kv)
-            out = sparse_attention(q, k, v, mask, dropout_p=p)
+            out = sparse_attention(q, k, v, mask, block_size=self.block_size, dropout_p=p)
         elif backend == "sdpa_causal":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
                                                  enable_gqa=_gqa(q, k))  # fmt: skip
@@ -419,18 +417,14 @@ class MultiheadFlexAttention(nn.Module):
         last = self._last_choice
         if last is not None and last[0] is mask and last[1] == key:
             return last[2]
-        bm = mask if isinstance(mask, BlockMask) else self._block_mask(mask, q, s_kv)
+        bm = (
+            mask
+            if isinstance(mask, BlockMask)
+            else block_mask_for(mask, q, s_kv or q.shape[2], block_size=self.block_size)
+        )
         choice = "sparse" if sparse_plan(bm).cost <= self.sparse_max_density else "sdpa"
         self._last_choice = (mask, key, choice)
         return choice
-
-    def _block_mask(self, mask: MaskMod, q: Tensor, s_kv: int | None) -> BlockMask:
-        return build_block_mask(
-            mask, q.shape[2], s_kv,
-            batch=q.shape[0] if mask.uses_batch else None,
-            heads=q.shape[1] if mask.uses_heads else None,
-            block_size=self.block_size, device=q.device,
-        )  # fmt: skip
 
     def _flex(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
         return flex_attend(q, k, v, mask, block_size=self.block_size, score_mod=self.score_mod)
@@ -460,13 +454,7 @@ def flex_attend(
     """
     if not isinstance(mask, BlockMask):
         # Never flex's block_mask=None: on CPU that is one giant block, several times slower.
-        m = full() if mask is None else mask
-        mask = build_block_mask(
-            m, q.shape[2], k.shape[2],
-            batch=q.shape[0] if m.uses_batch else None,
-            heads=q.shape[1] if m.uses_heads else None,
-            block_size=block_size, device=q.device,
-        )  # fmt: skip
+        mask = block_mask_for(mask, q, k.shape[2], block_size=block_size)
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one graph per mask
         return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
                                 enable_gqa=_gqa(q, k))  # fmt: skip

@@ -20,7 +20,7 @@ from .convert import (
     to_dense,
     with_offset,
 )
-from .masks import MaskMod, MaskModFn, Tiles, as_mask
+from .masks import MaskMod, MaskModFn, Tiles, as_mask, full
 
 __all__ = ["MaskStats", "block_mask", "cache_info", "check", "clear_cache", "describe"]
 
@@ -146,6 +146,20 @@ def block_mask(
     if cache:
         _BLOCK_MASKS.put(key, result)
     return result
+
+
+def block_mask_for(
+    mask: MaskModFn | None, q: Tensor, s_kv: int, *, block_size: int = 128
+) -> BlockMask:
+    """The (cached) BlockMask of ``mask`` for queries ``q [B, H, S, D]`` and ``s_kv`` keys: one
+    row per batch entry or head only where the mask depends on it; None means every key."""
+    m = full() if mask is None else as_mask(mask)
+    return block_mask(
+        m, q.shape[2], s_kv,
+        batch=q.shape[0] if m.uses_batch else None,
+        heads=q.shape[1] if m.uses_heads else None,
+        block_size=block_size, device=q.device,
+    )  # fmt: skip
 
 
 def _tiled_block_mask(

@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .block import _LRU
-from .block import block_mask as build_block_mask
+from .block import _LRU, block_mask_for
 from .convert import block_kinds, evaluate_tiles
-from .masks import MaskModFn, as_mask, full
+from .masks import MaskModFn, as_mask
 
 __all__ = ["sparse_attention"]
 
@@ -69,13 +68,8 @@ def sparse_attention(
     bsz, nh, s_q, _ = q.shape
     nkv, s_kv = k.shape[1], k.shape[2]
     if not isinstance(mask, BlockMask):
-        m = full() if mask is None else as_mask(mask, name="sparse_attention(mask=...)")
-        mask = build_block_mask(
-            m, s_q, s_kv,
-            batch=bsz if m.uses_batch else None,
-            heads=nh if m.uses_heads else None,
-            block_size=block_size, device=q.device,
-        )  # fmt: skip
+        m = None if mask is None else as_mask(mask, name="sparse_attention(mask=...)")
+        mask = block_mask_for(m, q, s_kv, block_size=block_size)
     _check_block_mask(mask, bsz, nh, s_q, s_kv)
 
     plan = _plan(mask)
