@@ -1,10 +1,33 @@
-"""Argument checks shared by block.py, convert.py and attention.py (errors before tensor work)."""
+"""Argument checks shared by every module: errors before any tensor work.
+
+Wrong types get a TypeError, wrong values a ValueError, each saying what was expected, what came
+and how to fix it. Work whose size cannot fit in memory is refused here too, before allocating.
+"""
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import torch
 
-from .masks import MaskMod
+if TYPE_CHECKING:
+    from .masks import MaskMod
+
+MAX_INDEX = 2**62
+"""The largest length, window or offset flexmask takes: far past any sequence, and safe in the
+int64 arithmetic of masks (``q_idx - kv_idx < window``)."""
+
+
+def check_int(value: object, name: str, minimum: int = 1) -> int:
+    """An int in ``[minimum, MAX_INDEX]``; ``name`` is the argument as the user wrote it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}.")
+    if value > MAX_INDEX:
+        raise ValueError(f"{name} must be at most 2**62, got {value}.")
+    return value
 
 
 def check_lengths(q_len: object, kv_len: object) -> int:
@@ -16,6 +39,8 @@ def check_lengths(q_len: object, kv_len: object) -> int:
             raise TypeError(f"{name}=... must be an int, got {type(value).__name__} {value!r}.")
         if value <= 0:
             raise ValueError(f"{name}=... must be a positive number of tokens, got {value}.")
+        if value > MAX_INDEX:
+            raise ValueError(f"{name}=... must be at most 2**62 tokens, got {value}.")
     return q_len if kv_len is None else kv_len  # type: ignore[return-value]
 
 
@@ -23,8 +48,10 @@ def check_count(value: object, name: str, allow_none: bool = True) -> int | None
     """``batch``/``heads``: a positive int, or None where ``allow_none``."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        what = "None or a positive int" if allow_none else "a positive int"
+    what = "None or a positive int" if allow_none else "a positive int"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}=... must be {what}, got {type(value).__name__} {value!r}.")
+    if value < 1 or value > MAX_INDEX:
         raise ValueError(f"{name}=... must be {what}, got {value!r}.")
     return value
 
@@ -43,18 +70,57 @@ def resolve_batch(mask: MaskMod, batch: object, default: int | None = 1) -> int 
     return batch
 
 
-def resolve_device(mask: MaskMod, device: torch.device | str | None) -> torch.device:
+def as_device(value: object, name: str, allow_meta: bool = False) -> torch.device:
+    """``value`` as a torch device that exists on this machine and, unless ``allow_meta``,
+    holds values."""
+    device = _parse_device(value, name)
+    if device.type == "meta" and not allow_meta:
+        raise ValueError(
+            f"{name} is 'meta', which holds shapes but no values, so no mask can be evaluated "
+            "there; use 'cpu' or an accelerator."
+        )
+    if device.type not in ("cpu", "meta"):
+        backend = getattr(torch, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ValueError(
+                f"{name} is {str(device)!r}, but this machine (torch {torch.__version__}) has no "
+                f"{device.type} device; use 'cpu'."
+            )
+    return device
+
+
+def _parse_device(value: object, name: str) -> torch.device:
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(
+            f"{name} must be a torch.device or a str such as 'cpu' or 'cuda', got "
+            f"{type(value).__name__} {value!r}."
+        )
+    try:
+        return torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"{name} must name a torch device such as 'cpu' or 'cuda:0', got {value!r}."
+        ) from None
+
+
+def resolve_device(mask: MaskMod, device: object) -> torch.device:
     """The device to build on: ``device``, else the mask's, else torch's current accelerator/CPU."""
     held = mask.device
     if device is None:
+        if held is not None and held.type == "meta":
+            raise ValueError(
+                f"the mask {mask!r} holds meta tensors (shapes, no values), so it cannot be "
+                "evaluated; move it with mask.to('cpu') or to an accelerator."
+            )
         return held or torch.device(torch.accelerator.current_accelerator() or "cpu")
-    want = torch.device(device)
+    want = _parse_device(device, "device=...")
     if held is not None and not _same_device(held, want):
         raise ValueError(
             f"device={str(want)!r} was asked but the mask {mask!r} holds tensors on "
             f"{str(held)!r}; move it with mask.to({str(want)!r}) or leave device=None."
         )
-    return want
+    return as_device(want, "device=...")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -67,8 +133,57 @@ def check_block_size(block_size: object) -> int:
         raise TypeError(
             f"block_size=... must be an int, got {type(block_size).__name__} {block_size!r}."
         )
-    if block_size < 16 or block_size % 16:
+    if block_size < 16 or block_size % 16 or block_size > MAX_INDEX:
         raise ValueError(
             f"block_size=... must be a positive multiple of 16 (e.g. 64 or 128), got {block_size}."
         )
     return block_size
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: refuse work that cannot fit, before allocating it
+# --------------------------------------------------------------------------------------------
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device`` (CPU: MemAvailable, else all RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no way to tell: let the allocator decide
+        return 1 << 62
+
+
+def check_memory(nbytes: int, what: str, instead: str, device: torch.device | None = None) -> None:
+    """Raise ValueError when ``what`` would need more than the free memory of ``device``.
+
+    Args:
+        nbytes: the estimated peak bytes of the work.
+        what: the work, e.g. ``"to_dense(q_len=1000000, kv_len=1000000)"``.
+        instead: what to do instead, one clause.
+    """
+    free = free_memory(device or torch.device("cpu"))
+    if nbytes > free:
+        where = "this machine" if device is None or device.type == "cpu" else str(device)
+        raise ValueError(
+            f"{what} would take about {format_bytes(nbytes)}, more than the "
+            f"{format_bytes(free)} free on {where}; {instead}."
+        )
+
+
+def format_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if size < 1024 or unit == "PiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")

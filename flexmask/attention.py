@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,14 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ._checks import check_block_size
-from .block import RECOMPILE_LIMIT, block_mask_for, cached_dense
+from .block import (
+    RECOMPILE_LIMIT,
+    Coverage,
+    DenseMask,
+    block_mask_for,
+    cached_dense,
+    coverage,
+)
 from .block import block_mask as build_block_mask
 from .cache import KVCache, _CacheStep
 from .convert import block_mask_to_dense, to_dense
@@ -63,7 +69,15 @@ class MultiheadFlexAttention(nn.Module):
         twice) is at most ``sparse_max_density``, else SDPA dense; on CUDA -> flex. With a
         ``score_mod``: flex where it runs, else SDPA. ``backend_for`` says which, for an input.
 
-    Fully masked query rows (padding) give zeros on every backend, never NaN.
+    Fully masked query rows (padding, or a ``score_mod`` sending a whole row to ``-inf``) give
+    zeros and zero gradients on every backend, never NaN, also when the inputs hold NaN at the
+    positions the mask hides from every query.
+
+    Inside ``torch.compile``: the projections are compiled with the model; the attention step
+    between them (mask, backend, kernel, cache) runs outside the graph through
+    ``torch.compiler.disable``, one graph break per call, so that a new mask at the same shapes
+    (new lengths, document ids, tree parents) never recompiles the model. FlexAttention itself
+    is compiled once per process.
 
     Args:
         embed_dim: model width ``E``.
@@ -104,7 +118,10 @@ class MultiheadFlexAttention(nn.Module):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads),
                             ("num_kv_heads", num_kv_heads)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"MultiheadFlexAttention({name}=...) must be a positive int, "
+                                f"got {type(value).__name__} {value!r}.")  # fmt: skip
+            if value < 1:
                 raise ValueError(f"MultiheadFlexAttention({name}=...) must be a positive int, "
                                  f"got {value!r}.")  # fmt: skip
         if embed_dim % num_heads:
@@ -119,6 +136,9 @@ class MultiheadFlexAttention(nn.Module):
                 "num_heads must be divisible by num_kv_heads (each key/value head serves a "
                 "group of query heads)."
             )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"MultiheadFlexAttention(dropout=...) must be a number in [0, 1), "
+                            f"got {dropout!r}.")  # fmt: skip
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"MultiheadFlexAttention(dropout=...) must be in [0, 1), got "
                              f"{dropout!r}.")  # fmt: skip
@@ -139,11 +159,12 @@ class MultiheadFlexAttention(nn.Module):
         self.score_mod = score_mod
         self.block_size = check_block_size(block_size)
         density = sparse_max_density
-        if (
-            isinstance(density, bool)
-            or not isinstance(density, (int, float))
-            or not 0 <= density <= 1
-        ):
+        if isinstance(density, bool) or not isinstance(density, (int, float)):
+            raise TypeError(
+                "MultiheadFlexAttention(sparse_max_density=...) must be a number in [0, 1], got "
+                f"{sparse_max_density!r}."
+            )
+        if not 0 <= density <= 1:
             raise ValueError(
                 "MultiheadFlexAttention(sparse_max_density=...) must be a block density in "
                 f"[0, 1] (0: never the sparse path, 1: always), got {sparse_max_density!r}."
@@ -197,59 +218,101 @@ class MultiheadFlexAttention(nn.Module):
         Args:
             x: queries (and keys/values for self-attention).
             context: keys/values for cross-attention.
-            mask: a flexmask mask or mask_mod callable (the module builds and caches its
-                BlockMask for this shape and device), a ready ``BlockMask`` (its shape is
-                checked against the input), or None for no mask (every key visible).
+            mask: a flexmask mask or mask_mod callable (the module builds its BlockMask or
+                dense mask for this shape and device, cached while the mask cannot have
+                changed; a plain callable is evaluated afresh on every call), a ready
+                ``BlockMask`` (its shape is checked against the input), or None for no mask
+                (every key visible).
             cache: a ``KVCache``: this call's keys and values are appended to it and the queries
                 attend to everything cached. Query ``i`` of row ``b`` is position
                 ``cache.lengths[b] + i`` and ``mask`` is evaluated in those absolute positions
-                (prefill and decode, one token or a tree of candidates, are the same call).
+                (prefill and decode, one token or a tree of candidates, are the same call). A
+                call that raises leaves the cache exactly as it was.
             lengths: with a cache, the real tokens of each row in this call (``[B]``, default
                 ``S``): prompts of different lengths; each row's cache advances by its own
                 count (pads never enter it) and padded queries get zeros.
             padding_side: where this call's pads are with ``lengths``: ``"right"`` (after the
                 tokens) or ``"left"`` (before them, as tokenizers pad for generation).
+
+        Raises:
+            TypeError, ValueError: for bad input (shapes, dtypes, devices, a mask for another
+                batch, a cache that does not fit), before the cache is touched.
         """
-        self._check_input(x, context)
+        q, k, v = self.project(x, context)
+        out = self._attend(q, k, v, mask, cache, lengths, padding_side, context is not None)
         bsz, s_q, _ = x.shape
-        s_kv = s_q if context is None else context.shape[1]
+        return self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.embed_dim))
+
+    @torch.compiler.disable
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: MaskModFn | BlockMask | None,
+        cache: KVCache | None,
+        lengths: Tensor | None,
+        padding_side: str,
+        cross: bool,
+    ) -> Tensor:
+        """Everything between the projections (q ``[B, H, S, D]``, k and v ``[B, H_kv, S_kv,
+        D]`` -> ``[B, H, S, D]``). Outside compiled graphs: dynamo would guard on the mask
+        object and recompile for every new one."""
+        if padding_side not in ("right", "left"):
+            raise ValueError(
+                f"forward(padding_side=...) must be 'right' or 'left', got {padding_side!r}."
+            )
         if mask is not None and not isinstance(mask, BlockMask):
             mask = as_mask(mask, name="forward(mask=...)")
         if cache is not None:
-            if padding_side not in ("right", "left"):
-                raise ValueError(
-                    f"forward(padding_side=...) must be 'right' or 'left', got {padding_side!r}."
-                )
-            if padding_side == "left" and lengths is not None:
-                # Rotate each row's real tokens to the front, run right-padded, rotate back.
-                counts = self._check_lengths(lengths, bsz, s_q, x.device)
-                shift = (s_q - counts)[:, None]
-                ar = torch.arange(s_q, device=x.device)
-                to_right = ((ar + shift) % s_q)[:, :, None].expand_as(x)
-                y = self._forward_cached(x.gather(1, to_right), mask, cache, counts, context)
-                back = ((ar - shift) % s_q)[:, :, None].expand_as(y)
-                return y.gather(1, back)
-            return self._forward_cached(x, mask, cache, lengths, context)
+            return self._attend_cached(q, k, v, mask, cache, lengths, padding_side, cross)
         if lengths is not None:
             raise ValueError("forward(lengths=...) counts tokens written to a cache; pass cache=.")
+        bsz, _, s_q, _ = q.shape
         if isinstance(mask, BlockMask):
-            self._check_block_mask(mask, bsz, s_q, s_kv)
+            self._check_block_mask(mask, bsz, s_q, k.shape[2])
+        backend, form = self._prepare(q, mask, k.shape[2])
+        return self._run(backend, form, q, k, v)
 
-        q, k, v = self.project(x, context)
-        backend = self._choose_backend(q, mask, s_kv)
-        p = self.dropout if self.training else 0.0
-        if backend == "flex":
-            out = self._flex(q, k, v, mask)
-        elif backend == "sparse":
-            out = sparse_attention(q, k, v, mask, block_size=self.block_size, dropout_p=p)
-        elif backend == "sdpa_causal":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
-                                                 enable_gqa=_gqa(q, k))  # fmt: skip
-        else:
-            out = self._sdpa(
-                q, k, v, None if isinstance(mask, MaskMod) and mask == full() else mask
+    def _attend_cached(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: MaskMod | BlockMask | None,
+        cache: KVCache,
+        lengths: Tensor | None,
+        padding_side: str,
+        cross: bool,
+    ) -> Tensor:
+        # Everything that can fail runs before the cache is written; the kernel runs inside
+        # cache.appended, which restores the cache if it raises.
+        if not isinstance(cache, KVCache):
+            raise TypeError(
+                f"forward(cache=...) must be a flexmask.KVCache, got {type(cache).__name__}."
             )
-        return self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.embed_dim))
+        if cross:
+            raise ValueError("forward(cache=...) caches self-attention keys; it takes no context.")
+        bsz, _, s_q, _ = q.shape
+        cache.check_compatible(bsz, self.num_kv_heads, self.head_dim, q)
+        counts = self._check_lengths(lengths, bsz, s_q, q.device)
+        cache.check_room(s_q)
+        if isinstance(mask, BlockMask):
+            self._check_block_mask(mask, bsz, s_q, cache.max_len)
+        rotate = padding_side == "left" and lengths is not None
+        if rotate:  # each row's real tokens to the front: run right-padded, rotate back
+            shift = (s_q - counts)[:, None]
+            ar = torch.arange(s_q, device=q.device)
+            q, k, v = (_rotate(t, (ar + shift) % s_q) for t in (q, k, v))
+        step: MaskMod | BlockMask = (
+            mask
+            if isinstance(mask, BlockMask)
+            else _CacheStep(mask or full(), cache.lengths.clone(), counts)
+        )
+        backend, form = self._prepare(q, step, cache.max_len, cached=True)
+        with cache.appended(k, v, counts):
+            out = self._run(backend, form, q, cache.k, cache.v)
+        return _rotate(out, (ar - shift) % s_q) if rotate else out
 
     def backend_for(
         self, x: Tensor, context: Tensor | None = None, *, mask: MaskModFn | BlockMask | None = None
@@ -265,52 +328,55 @@ class MultiheadFlexAttention(nn.Module):
                         dtype=self.q_proj.weight.dtype, requires_grad=x.requires_grad)  # fmt: skip
         return self._choose_backend(q, mask, s_kv)
 
-    def _forward_cached(
-        self,
-        x: Tensor,
-        mask: MaskMod | BlockMask | None,
-        cache: KVCache,
-        lengths: Tensor | None,
-        context: Tensor | None,
-    ) -> Tensor:
-        bsz, s_q, _ = x.shape
-        if not isinstance(cache, KVCache):
-            raise TypeError(
-                f"forward(cache=...) must be a flexmask.KVCache, got {type(cache).__name__}."
-            )
-        if context is not None:
-            raise ValueError("forward(cache=...) caches self-attention keys; it takes no context.")
-        cache.check_compatible(bsz, self.num_kv_heads, self.head_dim, x)
-        counts = self._check_lengths(lengths, bsz, s_q, x.device)
-        if isinstance(mask, BlockMask):
-            self._check_block_mask(mask, bsz, s_q, cache.max_len)
-        q, k, v = self.project(x)
-        start = cache.append(k, v, counts)  # raises before writing when the cache is full
-        step: Any = (
-            mask if isinstance(mask, BlockMask) else _CacheStep(mask or full(), start, counts)
-        )
-        if self.backend == "auto" and q.device.type == "cpu":
+    def _prepare(
+        self, q: Tensor, mask: MaskMod | BlockMask | None, s_kv: int, cached: bool = False
+    ) -> tuple[str, Any]:
+        """The backend for this call and the mask in the form it takes (a BlockMask, a
+        ``DenseMask`` or None). Evaluating the mask happens here, so its errors come before any
+        state changes."""
+        if cached and self.backend == "auto" and q.device.type == "cpu":
             # The dense step mask is only S x max_len; on CPU, benchmarks/decode.py measured SDPA
             # faster than flex in 11 of 12 decode cases (up to 2.2x), 6% slower in the last.
             backend = "sdpa"
         else:
-            backend = self._choose_backend(q, step, cache.max_len)
+            backend = self._choose_backend(q, mask, s_kv)
+        bsz, nh, s_q, _ = q.shape
         if backend in ("flex", "sparse"):
-            if not isinstance(step, BlockMask):  # built per call: O(S x max_len), no recompile
-                step = build_block_mask(
-                    step, s_q, cache.max_len, batch=bsz, block_size=self.block_size,
-                    device=q.device, cache=False,
-                )  # fmt: skip
-            if backend == "flex":
-                out = self._flex(q, cache.k, cache.v, step)
-            else:
-                out = sparse_attention(q, cache.k, cache.v, step)
-        else:
-            if not isinstance(step, BlockMask):
-                heads = self.num_heads if step.uses_heads else 1
-                step = to_dense(step, s_q, cache.max_len, batch=bsz, heads=heads, device=q.device)
-            out = self._sdpa(q, cache.k, cache.v, step)
-        return self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.embed_dim))
+            if isinstance(mask, BlockMask):
+                return backend, mask
+            if cached:  # a new step mask every call: built, not cached
+                bm = build_block_mask(mask or full(), s_q, s_kv, batch=bsz,
+                                      block_size=self.block_size, device=q.device,
+                                      cache=False)  # fmt: skip
+                return backend, bm
+            return backend, block_mask_for(mask, q, s_kv, block_size=self.block_size)
+        if (
+            backend == "sdpa_causal"
+            or mask is None
+            or (isinstance(mask, MaskMod) and mask == full())
+        ):
+            return backend, None
+        if isinstance(mask, BlockMask):
+            allowed = block_mask_to_dense(mask).to(q.device)
+            return backend, DenseMask(allowed, Coverage.of_dense(allowed))
+        if cached:
+            heads = nh if mask.uses_heads else 1
+            allowed = to_dense(mask, s_q, s_kv, batch=bsz, heads=heads, device=q.device)
+            return backend, DenseMask(allowed, Coverage.of_dense(allowed))
+        return backend, dense_mask_for(mask, q, s_kv)
+
+    def _run(self, backend: str, form: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        p = self.dropout if self.training else 0.0
+        if backend == "flex":
+            return flex_attend(q, k, v, form, block_size=self.block_size, score_mod=self.score_mod)
+        if backend == "sparse":
+            return sparse_attention(q, k, v, form, block_size=self.block_size, dropout_p=p)
+        if backend == "sdpa_causal":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
+                                                  enable_gqa=_gqa(q, k))  # fmt: skip
+        if self.score_mod is not None:
+            return softmax_attention(q, k, v, form, score_mod=self.score_mod, dropout_p=p)
+        return masked_sdpa(q, k, v, form, dropout_p=p)
 
     @staticmethod
     def _check_lengths(lengths: Tensor | None, bsz: int, s_q: int, device: torch.device) -> Tensor:
@@ -319,11 +385,17 @@ class MultiheadFlexAttention(nn.Module):
         if (
             not isinstance(lengths, Tensor)
             or lengths.dtype.is_floating_point
-            or lengths.shape != (bsz,)
+            or lengths.dtype.is_complex
+            or lengths.dtype == torch.bool
         ):
-            raise ValueError(
+            raise TypeError(
                 f"forward(lengths=...) must be an integer tensor of shape [{bsz}] (real tokens per "
                 f"row), got {lengths!r}."
+            )
+        if lengths.shape != (bsz,) or lengths.is_meta:
+            raise ValueError(
+                f"forward(lengths=...) must be an integer tensor of shape [{bsz}] (real tokens per "
+                f"row), got shape {tuple(lengths.shape)} on {lengths.device}."
             )
         if int(lengths.min()) < 0 or int(lengths.max()) > s_q:
             got = lengths.tolist()
@@ -334,6 +406,7 @@ class MultiheadFlexAttention(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor, context: Tensor | None) -> None:
+        weight = self.q_proj.weight
         for name, t in (("x", x), ("context", context)):
             if t is None:
                 continue
@@ -344,6 +417,22 @@ class MultiheadFlexAttention(nn.Module):
                 raise ValueError(
                     f"forward({name}=...) must have shape [B, S, {self.embed_dim}] (batch first, "
                     f"embed_dim last), got {tuple(t.shape)}."
+                )
+            if t.dtype != weight.dtype:
+                raise TypeError(
+                    f"forward({name}=...) is {t.dtype} but the module's weights are "
+                    f"{weight.dtype}; convert one of them, e.g. {name}.to({weight.dtype}) or "
+                    f"module.to({t.dtype})."
+                )
+            if t.device != weight.device:
+                raise ValueError(
+                    f"forward({name}=...) is on {t.device} but the module's weights are on "
+                    f"{weight.device}; move one of them, e.g. {name}.to('{weight.device}')."
+                )
+            if t.shape[0] == 0 or t.shape[1] == 0:
+                raise ValueError(
+                    f"forward({name}=...) needs at least one sequence of one token, got shape "
+                    f"{tuple(t.shape)}."
                 )
         if context is not None and context.shape[0] != x.shape[0]:
             raise ValueError(
@@ -383,13 +472,13 @@ class MultiheadFlexAttention(nn.Module):
             return "sparse"
         if self.backend == "flex":
             if on_cpu and needs_grad():
-                raise RuntimeError(
+                raise ValueError(
                     "backend='flex' cannot train on CPU: FlexAttention has no CPU backward pass. "
                     "Use backend='auto' or 'sparse' (block-sparse, with backward) or 'sdpa', or "
                     "run under torch.no_grad()."
                 )
             if dropout:
-                raise RuntimeError(
+                raise ValueError(
                     "backend='flex' has no attention dropout; call .eval(), set dropout=0, or "
                     "use backend='auto', 'sparse' or 'sdpa'."
                 )
@@ -412,7 +501,8 @@ class MultiheadFlexAttention(nn.Module):
         return "sdpa" if dropout else "flex"
 
     def _sparse_or_dense(self, q: Tensor, mask: MaskMod | BlockMask, s_kv: int | None) -> str:
-        # Remember the last answer: every step of a model asks again with the same mask.
+        # Remember the last answer: every step of a model asks again with the same mask. (Both
+        # answers compute the same attention; this only saves building a BlockMask.)
         key = (tuple(q.shape), s_kv, self.sparse_max_density)
         last = self._last_choice
         if last is not None and last[0] is mask and last[1] == key:
@@ -426,15 +516,10 @@ class MultiheadFlexAttention(nn.Module):
         self._last_choice = (mask, key, choice)
         return choice
 
-    def _flex(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
-        return flex_attend(q, k, v, mask, block_size=self.block_size, score_mod=self.score_mod)
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Any) -> Tensor:
-        dense = dense_mask_for(mask, q, k)
-        p = self.dropout if self.training else 0.0
-        if self.score_mod is not None:
-            return _eager_attention(q, k, v, dense, self.score_mod, p)
-        return masked_sdpa(q, k, v, dense, dropout_p=p)
+def _rotate(t: Tensor, index: Tensor) -> Tensor:
+    """``t [B, H, S, D]`` with positions taken from ``index [B, S]`` along S."""
+    return t.gather(2, index[:, None, :, None].expand_as(t))
 
 
 def flex_attend(
@@ -448,76 +533,135 @@ def flex_attend(
     scale: float | None = None,
 ) -> Tensor:
     """Compiled ``flex_attention`` under a flexmask mask (its BlockMask built and cached for
-    these shapes), a ready BlockMask, or None (every key visible).
+    these shapes), a ready BlockMask, or None (every key visible). Queries and keys the mask
+    hides from everyone are zeroed first, so NaN there cannot reach the output.
 
     Shapes: q ``[B, H, S, D]``, k and v ``[B, H_kv, S_kv, D]``.
     """
     if not isinstance(mask, BlockMask):
         # Never flex's block_mask=None: on CPU that is one giant block, several times slower.
         mask = block_mask_for(mask, q, k.shape[2], block_size=block_size)
+    q, k, v = hide_unseen(q, k, v, coverage(mask))
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one graph per mask
         return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
                                 enable_gqa=_gqa(q, k))  # fmt: skip
 
 
-def dense_mask_for(
-    mask: MaskMod | BlockMask | Tensor | None, q: Tensor, k: Tensor
-) -> Tensor | None:
-    """The boolean mask SDPA takes for queries ``q`` and keys ``k``: a flexmask mask evaluated
-    (and cached, so every layer shares it), a BlockMask expanded, a dense mask or None as is."""
-    if mask is None or isinstance(mask, Tensor):
-        return mask
-    if isinstance(mask, BlockMask):
-        return block_mask_to_dense(mask).to(q.device)
+def dense_mask_for(mask: MaskMod | None, q: Tensor, s_kv: int) -> DenseMask | None:
+    """The dense mask SDPA takes for queries ``q`` and ``s_kv`` keys, cached so that every layer
+    shares it (one row per batch entry or head only where the mask depends on it)."""
+    if mask is None:
+        return None
     bsz, nh, s_q, _ = q.shape
     return cached_dense(
-        mask, s_q, k.shape[2],
+        mask, s_q, s_kv,
         batch=bsz if mask.uses_batch else 1,
         heads=nh if mask.uses_heads else 1, device=q.device,
     )  # fmt: skip
+
+
+def as_dense_mask(mask: DenseMask | Tensor | None) -> DenseMask | None:
+    """A ``DenseMask`` from a boolean tensor (True = may attend), or as it is."""
+    if mask is None or isinstance(mask, DenseMask):
+        return mask
+    return DenseMask(mask, Coverage.of_dense(mask))
+
+
+def hide_unseen(q: Tensor, k: Tensor, v: Tensor, cover: Coverage) -> tuple[Tensor, Tensor, Tensor]:
+    """Zero the queries that see no key and the keys no query sees (``cover``: ``[B, H, S]``
+    flags with B and H of 1 or the inputs'). Nothing there reaches a real output, but NaN there
+    would: ``0 * NaN`` is NaN in the matmuls, forward and backward."""
+    if cover.complete:
+        return q, k, v
+    rows = cover.rows[..., None]  # [B, H, S, 1]
+    keys = cover.keys
+    if keys.shape[1] not in (1, k.shape[1]):  # per query head: a key head serves a group
+        keys = keys.view(keys.shape[0], k.shape[1], -1, keys.shape[-1]).any(2)
+    keys = keys[..., None]
+    return q.where(rows, 0.0), k.where(keys, 0.0), v.where(keys, 0.0)
 
 
 def masked_sdpa(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    dense: Tensor | None,
+    dense: DenseMask | Tensor | None,
     *,
     dropout_p: float = 0.0,
     scale: float | None = None,
 ) -> Tensor:
-    """SDPA under a boolean mask (True = may attend) in which a row that sees nothing gives zeros.
+    """SDPA under a boolean mask (True = may attend) in which a row that sees nothing gives zeros
+    and zero gradients, and NaN in what the mask hides from everyone stays out.
 
-    Shapes: q ``[B, H, S, D]``, k and v ``[B, H_kv, S_kv, D]``, dense broadcastable to
+    Shapes: q ``[B, H, S, D]``, k and v ``[B, H_kv, S_kv, D]``, the mask broadcastable to
     ``[B, H, S, S_kv]``.
     """
     gqa = _gqa(q, k)
+    dense = as_dense_mask(dense)
     if dense is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=gqa)  # fmt: skip
-    # A row with no allowed key would be NaN (or depend on the kernel); let it see every key,
-    # then zero it: finite values forward and zero gradients backward.
-    seen = dense.any(-1, keepdim=True)
+    q, k, v = hide_unseen(q, k, v, dense.coverage)
+    # A row with no allowed key would be NaN (or depend on the kernel); let it see every key
+    # (its query is zero), then zero its output: finite values forward, zero gradients back.
+    seen = dense.coverage.rows[..., None]
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=dense | ~seen, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
-    )
+        q, k, v, attn_mask=dense.allowed | ~seen, dropout_p=dropout_p, scale=scale,
+        enable_gqa=gqa,
+    )  # fmt: skip
     return out.masked_fill(~seen, 0.0)
 
 
-def _gqa(q: Tensor, k: Tensor) -> bool:
-    return q.shape[1] != k.shape[1]
-
-
-def _eager_attention(
-    q: Tensor, k: Tensor, v: Tensor, dense: Tensor | None, score_mod: ScoreModFn, dropout: float
+def softmax_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dense: DenseMask | Tensor | None,
+    *,
+    score_mod: ScoreModFn | None = None,
+    bias: Tensor | None = None,
+    sinks: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> Tensor:
-    """Softmax attention written out, so a score_mod can act on the scores (SDPA has no hook)."""
-    from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+    """Softmax attention written out, for what SDPA has no hook for: a ``score_mod`` (evaluated
+    under vmap, as flex evaluates it), an additive ``bias`` broadcastable to ``[B, H, S, S_kv]``
+    (T5's position bias), and attention ``sinks`` (``[H]`` logits of a virtual key with value
+    zero, as GPT-OSS). Rows left with no finite score give zeros and zero gradients.
 
+    Shapes: q ``[B, H, S, D]``, k and v ``[B, H_kv, S_kv, D]``.
+    """
+    dense = as_dense_mask(dense)
+    if dense is not None:
+        q, k, v = hide_unseen(q, k, v, dense.coverage)
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, S, S_kv]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # [B, H, S, S_kv]
+    if score_mod is not None:
+        scores = _apply_score_mod(scores, score_mod)
+    if bias is not None:
+        scores = scores + bias
+    if dense is not None:
+        scores = scores.masked_fill(~dense.allowed, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    # A row of -inf only (masked, or sent there by the score_mod) is 0/0 in softmax: zeros.
+    dead = scores.amax(-1, keepdim=True) == float("-inf")
+    probs = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    if sinks is not None:
+        probs = probs[..., :-1]  # the sink's value is zero
+    if dropout_p:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v
+
+
+def _apply_score_mod(scores: Tensor, score_mod: ScoreModFn) -> Tensor:
+    """``score_mod(score, b, h, q_idx, kv_idx)`` on every score of ``[B, H, S, S_kv]``."""
+    from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+
     bsz, nh, s_q, s_kv = scores.shape
     fn: Callable[..., Tensor] = score_mod
     # vmap over kv, q, h, b (innermost first), exactly how flex evaluates a score_mod.
@@ -526,13 +670,9 @@ def _eager_attention(
         fn = torch.vmap(fn, in_dims=dims)
     dev = scores.device
     with TransformGetItemToIndex():
-        scores = fn(scores, torch.arange(bsz, device=dev), torch.arange(nh, device=dev),
-                    torch.arange(s_q, device=dev), torch.arange(s_kv, device=dev))  # fmt: skip
-    if dense is not None:
-        seen = dense.any(-1, keepdim=True)
-        scores = scores.masked_fill(~(dense | ~seen), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if dropout:
-        probs = F.dropout(probs, p=dropout)
-    out = probs @ v
-    return out if dense is None else out.masked_fill(~seen, 0.0)
+        return fn(scores, torch.arange(bsz, device=dev), torch.arange(nh, device=dev),
+                  torch.arange(s_q, device=dev), torch.arange(s_kv, device=dev))  # fmt: skip
+
+
+def _gqa(q: Tensor, k: Tensor) -> bool:
+    return q.shape[1] != k.shape[1]

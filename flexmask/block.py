@@ -6,12 +6,21 @@ import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from ._checks import check_block_size, check_count, check_lengths, resolve_batch, resolve_device
+from ._checks import (
+    check_block_size,
+    check_count,
+    check_lengths,
+    check_memory,
+    format_bytes,
+    resolve_batch,
+    resolve_device,
+)
 from .convert import (
     block_kinds,
     evaluate_tiles,
@@ -26,11 +35,15 @@ __all__ = ["MaskStats", "block_mask", "cache_info", "check", "clear_cache", "des
 
 
 class _LRU(OrderedDict[tuple[object, ...], object]):
-    """A bounded mapping that forgets the least recently used entry."""
+    """A bounded mapping that forgets the least recently used entry; ``clear_cache`` empties
+    every one."""
+
+    instances: ClassVar[list[_LRU]] = []
 
     def __init__(self, maxsize: int) -> None:
         super().__init__()
         self.maxsize = maxsize
+        _LRU.instances.append(self)
 
     def get_recent(self, key: tuple[object, ...]) -> object | None:
         if key not in self:
@@ -46,8 +59,12 @@ class _LRU(OrderedDict[tuple[object, ...], object]):
 
 _BLOCK_MASKS = _LRU(64)
 _DENSE_MASKS = _LRU(4)  # dense masks are q_len x kv_len bytes each: keep few
+_COVERAGE = _LRU(16)
 RECOMPILE_LIMIT = 256  # graphs per compiled function: one per mask structure
 METHODS = ("auto", "tiles", "create_block_mask")
+# Peak bytes of building, measured with benchmarks/memory.py (rounded up): per block for tiles,
+# per (q, kv) pair for torch's builder, compiled and eager.
+_BYTES_PER_BLOCK, _BYTES_PER_PAIR_COMPILED, _BYTES_PER_PAIR_EAGER = 64, 4, 12
 
 
 @functools.cache
@@ -84,9 +101,12 @@ def block_mask(
             process; seconds for the first call of each shape, then milliseconds). False runs
             ``create_block_mask`` eagerly, which materialises the ``q_len x kv_len`` mask; so do
             problems shorter than one block (a decode step), where that is cheap.
-        cache: reuse the BlockMask of an equal earlier call. Scalar masks (``causal() &
-            sliding_window(256)``) are keyed by value; masks holding tensors and plain functions
-            by identity (flexmask copies tensors into masks, so they cannot change under the key).
+        cache: reuse the BlockMask of an equal earlier call (a hit is exactly what a fresh build
+            gives). Scalar masks (``causal() & sliding_window(256)``) are keyed by value, masks
+            holding tensors by identity and by the tensors' version counters (refilling one in
+            place is a new key). Masks holding a plain callable are never cached: flexmask
+            cannot see what the callable reads (a buffer refilled every step), so it evaluates
+            them afresh, as ``create_block_mask`` does.
         q_offset: the queries' first position, ``shifted(mask, q_offset)`` (decoding after a
             cache: ``kv_len - q_len``).
         method: how blocks are classified. ``"tiles"``: from the mask's structure
@@ -98,6 +118,10 @@ def block_mask(
 
     Returns:
         A ``BlockMask`` whose ``mask_mod`` is the (bound) flexmask mask.
+
+    Raises:
+        TypeError, ValueError: for bad arguments, a mask_mod that fails or returns no bool
+            tensor, or a build that would not fit in the free memory.
 
     Example:
         >>> import flexmask as fm
@@ -119,33 +143,65 @@ def block_mask(
             "a plain callable, whose structure is unknown; use method='create_block_mask'."
         )
 
-    key = (m, q_len, kv_len, bsz, heads, block_size, str(dev), method)
-    hit = _BLOCK_MASKS.get_recent(key) if cache else None
+    mask_key = m.cache_key() if cache else None
+    key = None if mask_key is None else (mask_key, q_len, kv_len, bsz, heads, block_size, str(dev),
+                                         method)  # fmt: skip
+    hit = None if key is None else _BLOCK_MASKS.get_recent(key)
     if isinstance(hit, BlockMask):  # an equal mask was bound and checked when it was built
         return hit
     bound = m.bind(q_len, kv_len)  # validates tensor sizes against the lengths
-
-    if method == "tiles" or (method == "auto" and not m.uses_heads):
-        result = _tiled_block_mask(bound, bsz, heads, q_len, kv_len, block_size, dev)
+    tiled = method == "tiles" or (method == "auto" and not m.uses_heads)
     # Shorter than a block, the eager build is cheap (at most block_size x kv_len) and torch
     # 2.13's CPU inductor miscompiles the compiled builder there (a C++ type error).
-    elif compile and min(q_len, kv_len) >= block_size:
-        # Hand compiled code a plain closure: torch guards a callable *object* by identity, so
-        # every new mask would recompile; a closure is guarded by its code and captured tensors.
-        def mask_fn(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return bound(b, h, q_idx, kv_idx)
+    compiled = not tiled and compile and min(q_len, kv_len) >= block_size
+    _check_build_memory(q_len, kv_len, bsz, heads, block_size, dev, tiled, compiled)
+    if not tiled:  # a plain callable: its first element says whether it can be built at all
+        evaluate_tiles(bound, *(torch.zeros(1, dtype=torch.long, device=dev),) * 4, 1, 1, 1, 1)
 
-        # Each mask *structure* is one graph; a model may well use more than dynamo's default 8.
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            build = _compiled_create_block_mask()
-            result = build(mask_fn, bsz, heads, q_len, kv_len, dev, block_size)
-        result.mask_mod = bound
-    else:
-        result = create_block_mask(bound, bsz, heads, q_len, kv_len, dev, block_size)
+    # Built outside inference mode, so that the result (cached, or kept by the caller) may
+    # serve a training step later: autograd refuses inference tensors.
+    with torch.inference_mode(False), torch.no_grad():
+        if tiled:
+            result = _tiled_block_mask(bound, bsz, heads, q_len, kv_len, block_size, dev)
+        elif compiled:
+            # Hand compiled code a plain closure: torch guards a callable *object* by identity,
+            # so every new mask would recompile; a closure is guarded by its code and captured
+            # tensors.
+            def mask_fn(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+                return bound(b, h, q_idx, kv_idx)
 
-    if cache:
+            # Each mask *structure* is one graph; a model may use more than dynamo's default 8.
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                build = _compiled_create_block_mask()
+                result = build(mask_fn, bsz, heads, q_len, kv_len, dev, block_size)
+            result.mask_mod = bound
+        else:
+            result = create_block_mask(bound, bsz, heads, q_len, kv_len, dev, block_size)
+
+    if key is not None:
         _BLOCK_MASKS.put(key, result)
     return result
+
+
+def _check_build_memory(
+    q_len: int,
+    kv_len: int,
+    batch: int | None,
+    heads: int | None,
+    block_size: int,
+    device: torch.device,
+    tiled: bool,
+    compiled: bool,
+) -> None:
+    rows = (batch or 1) * (heads or 1)
+    blocks = rows * -(-q_len // block_size) * -(-kv_len // block_size)
+    if tiled:
+        nbytes = blocks * _BYTES_PER_BLOCK
+    else:
+        pairs = rows * q_len * kv_len
+        nbytes = pairs * (_BYTES_PER_PAIR_COMPILED if compiled else _BYTES_PER_PAIR_EAGER)
+    what = f"block_mask(q_len={q_len}, kv_len={kv_len}) with {blocks} blocks of {block_size}"
+    check_memory(nbytes, what, "use a larger block_size or shorter lengths", device)
 
 
 def block_mask_for(
@@ -202,24 +258,77 @@ def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
     return dense.sum(-1).to(torch.int32), indices.to(torch.int32).contiguous()
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """Which queries see some key and which keys some query sees, ``[B, H, S]`` bool each (B and
+    H as the mask has them). Attention zeroes the queries and keys nobody uses before computing
+    (so NaN in padding cannot leak into real rows or gradients) and zeroes the blind rows'
+    outputs after. ``complete`` when every query sees a key and every key is seen."""
+
+    rows: Tensor
+    keys: Tensor
+    complete: bool
+
+    @classmethod
+    def of_dense(cls, dense: Tensor) -> Coverage:
+        rows, keys = dense.any(-1), dense.any(-2)
+        return cls(rows, keys, bool(rows.all()) and bool(keys.all()))
+
+
+@dataclass(frozen=True)
+class DenseMask:
+    """A dense boolean mask ``[B, H, Q, KV]`` (True = may attend) with its coverage."""
+
+    allowed: Tensor
+    coverage: Coverage
+
+
 def cached_dense(
     mask: MaskMod, q_len: int, kv_len: int, *, batch: int, heads: int, device: torch.device
-) -> Tensor:
+) -> DenseMask:
     """``to_dense`` for the SDPA backend, cached like BlockMasks: every layer of a model reuses
     the mask the first layer built (callers must not modify the result)."""
-    key = (mask, q_len, kv_len, batch, heads, str(device))
-    hit = _DENSE_MASKS.get_recent(key)
-    if isinstance(hit, Tensor):
+    mask_key = mask.cache_key()
+    key = None if mask_key is None else (mask_key, q_len, kv_len, batch, heads, str(device))
+    hit = None if key is None else _DENSE_MASKS.get_recent(key)
+    if isinstance(hit, DenseMask):
         return hit
-    dense = to_dense(mask, q_len, kv_len, batch=batch, heads=heads, device=device)
-    _DENSE_MASKS.put(key, dense)
+    allowed = to_dense(mask, q_len, kv_len, batch=batch, heads=heads, device=device)
+    with torch.inference_mode(False):
+        dense = DenseMask(allowed, Coverage.of_dense(allowed))
+    if key is not None:
+        _DENSE_MASKS.put(key, dense)
     return dense
 
 
+def coverage(bm: BlockMask) -> Coverage:
+    """The ``Coverage`` of a BlockMask: full blocks counted, its ``mask_mod`` evaluated on partial
+    blocks only; cached per BlockMask while its mask's key stands (``MaskMod.cache_key``)."""
+    key = block_mask_key(bm)
+    hit = None if key is None else _COVERAGE.get_recent(key)
+    if isinstance(hit, tuple) and hit[0] is bm:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():
+        rows, keys = _counts(bm, block_kinds(bm))
+        result = Coverage(rows > 0, keys > 0, bool((rows > 0).all()) and bool((keys > 0).all()))
+    if key is not None:
+        _COVERAGE.put(key, (bm, result))
+    return result
+
+
+def block_mask_key(bm: BlockMask) -> tuple[object, ...] | None:
+    """A cache key for results derived from a BlockMask (its identity and its mask's key; the
+    cache must hold ``bm`` itself so that the identity stays unique), or None when its
+    ``mask_mod`` is not a flexmask mask that can be keyed."""
+    mask = bm.mask_mod
+    mask_key = mask.cache_key() if isinstance(mask, MaskMod) else None
+    return None if mask_key is None else (id(bm), mask_key)
+
+
 def clear_cache() -> None:
-    """Forget every cached BlockMask and dense mask."""
-    _BLOCK_MASKS.clear()
-    _DENSE_MASKS.clear()
+    """Forget every cached BlockMask, dense mask and what was derived from them."""
+    for cache in _LRU.instances:
+        cache.clear()
 
 
 def cache_info() -> dict[str, int]:
@@ -275,20 +384,11 @@ class MaskStats:
                 f"  block density    {self.block_density:.1%} of {self.total_blocks} blocks "
                 f"visited: {self.full_blocks} full, {self.partial_blocks} partial, "
                 f"{self.empty_blocks} empty",
-                f"  memory           BlockMask {_bytes(self.block_mask_bytes)} vs dense bool "
-                f"{_bytes(self.dense_bytes)} ({ratio:.0f}x smaller)",
+                f"  memory           BlockMask {format_bytes(self.block_mask_bytes)} vs dense "
+                f"bool {format_bytes(self.dense_bytes)} ({ratio:.0f}x smaller)",
                 f"  masked rows      {rows} query rows see no key (their output is zeros)",
             ]
         )
-
-
-def _bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def describe(
@@ -332,7 +432,7 @@ def describe(
     nb, nh = kinds.shape[:2]
     q, kv = bm.seq_lengths
     try:
-        row_counts = _row_counts(bm, kinds)
+        row_counts = _counts(bm, kinds)[0]
         density: float | None = float(row_counts.sum()) / (nb * nh * q * kv)
         masked: int | None = int((row_counts == 0).sum())
     except Exception:  # a mask_mod that cannot run here (e.g. a sliced BlockMask's)
@@ -352,20 +452,25 @@ def describe(
     )
 
 
-def _row_counts(bm: BlockMask, kinds: Tensor) -> Tensor:
-    """Allowed keys per query row, ``[B, H, q_len]``: full blocks counted, partial evaluated."""
+def _counts(bm: BlockMask, kinds: Tensor) -> tuple[Tensor, Tensor]:
+    """Allowed keys per query and allowed queries per key, ``[B, H, q_len]`` and ``[B, H,
+    kv_len]``: full blocks counted, the mask evaluated on partial blocks only."""
     q_len, kv_len = bm.seq_lengths
     qbs, kvbs = bm.BLOCK_SIZE
-    nh, nkvb = kinds.shape[1], kinds.shape[3]
-    starts = torch.arange(nkvb, device=kinds.device) * kvbs
-    kv_width = (kv_len - starts).clamp(max=kvbs)  # keys in each kv block
-    per_block_row = ((kinds == 2) * kv_width).sum(-1)  # [B, H, QB]: keys from full blocks
-    counts = per_block_row.repeat_interleave(qbs, dim=-1)[..., :q_len].clone()
-    for (bi, hi, qi, _), tiles in partial_tiles(bm, kinds):
-        rows = (qi[:, None] * qbs + torch.arange(qbs, device=kinds.device)).clamp(max=q_len - 1)
-        flat = (bi[:, None] * nh + hi[:, None]) * q_len + rows
-        counts.view(-1).index_add_(0, flat.flatten(), tiles.sum(-1).flatten())
-    return counts
+    nh, nqb, nkvb = kinds.shape[1], kinds.shape[2], kinds.shape[3]
+    ar_q, ar_k = torch.arange(qbs, device=kinds.device), torch.arange(kvbs, device=kinds.device)
+    q_width = (q_len - torch.arange(nqb, device=kinds.device) * qbs).clamp(max=qbs)
+    kv_width = (kv_len - torch.arange(nkvb, device=kinds.device) * kvbs).clamp(max=kvbs)
+    full = kinds == 2
+    rows = (full * kv_width).sum(-1).repeat_interleave(qbs, dim=-1)[..., :q_len].clone()
+    keys = (full * q_width[:, None]).sum(-2).repeat_interleave(kvbs, dim=-1)[..., :kv_len].clone()
+    for (bi, hi, qi, ki), tiles in partial_tiles(bm, kinds):
+        q_pos = (qi[:, None] * qbs + ar_q).clamp(max=q_len - 1)  # past the end: counts 0
+        k_pos = (ki[:, None] * kvbs + ar_k).clamp(max=kv_len - 1)
+        bh = bi[:, None] * nh + hi[:, None]
+        rows.view(-1).index_add_(0, (bh * q_len + q_pos).flatten(), tiles.sum(-1).flatten())
+        keys.view(-1).index_add_(0, (bh * kv_len + k_pos).flatten(), tiles.sum(-2).flatten())
+    return rows, keys
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,17 +515,21 @@ def check(
     try:
         evaluate_tiles(bound, *(torch.zeros(1, dtype=torch.long, device=dev),) * 4,
                        min(q_len, 8), min(kv_len, 8), q_len, kv_len)  # fmt: skip
+    except TypeError as err:  # not a bool tensor
+        return [str(err).rstrip(".")]
     except Exception as err:  # report, don't raise: this is the diagnosis
+        cause = err.__cause__ or err
         problems.append(
-            f"the mask fails under vmap ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            "write it with tensor operations only: &, |, ~ instead of and/or/not, torch.where "
-            "instead of if, no .item() or int() on its arguments"
+            f"the mask fails under vmap ({type(cause).__name__}: "
+            f"{(str(cause).splitlines() or [''])[0]}); write it with tensor operations only: "
+            "&, |, ~ instead of and/or/not, torch.where instead of if, no .item() or int() on "
+            "its arguments"
         )
         return problems
 
     bm = block_mask(m, q_len, kv_len, batch=nb, heads=nh, block_size=block_size,
                     device=dev, compile=compile, cache=False)  # fmt: skip
-    counts = _row_counts(bm, block_kinds(bm))  # [B, H, q_len]
+    counts = _counts(bm, block_kinds(bm))[0]  # [B, H, q_len]
     empty = counts == 0
     if bool(empty.any()):
         problems.append(

@@ -9,12 +9,15 @@ step of one shape reuses one compiled BlockMask builder and one compiled flex ke
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .masks import MaskMod, MaskModFn, as_mask
+from ._checks import MAX_INDEX, as_device, check_memory
+from .masks import MaskMod, MaskModFn, _Padding, as_mask, check_depth
 
 __all__ = ["KVCache"]
 
@@ -50,13 +53,21 @@ class KVCache:
     ) -> None:
         for name, value in (("batch", batch), ("max_len", max_len),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(
+                    f"KVCache({name}=...) must be a positive int, got {type(value).__name__} "
+                    f"{value!r}."
+                )
+            if not 1 <= value <= MAX_INDEX:
                 raise ValueError(f"KVCache({name}=...) must be a positive int, got {value!r}.")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"KVCache(dtype=...) must be a floating dtype, got {dtype!r}.")
+        dev = torch.device("cpu") if device is None else as_device(device, "KVCache(device=...)")
         shape = (batch, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        nbytes = 2 * batch * num_kv_heads * max_len * head_dim * dtype.itemsize
+        check_memory(nbytes, f"KVCache{shape} for keys and values", "make max_len shorter", dev)
+        self.k = torch.zeros(shape, dtype=dtype, device=dev)
+        self.v = torch.zeros(shape, dtype=dtype, device=dev)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.k.device)
 
     @property
@@ -93,23 +104,28 @@ class KVCache:
                 candidates: the context and the accepted path).
             rows: ``[B']`` rows to keep, in their new order (beam search).
         """
-        if rows is not None:
-            idx = self._index(rows, "rows", self.batch, ranks=(1,))
-            self.k, self.v, self.lengths = self.k[idx], self.v[idx], self.lengths[idx]
-        if positions is None:
+        # Everything is checked before anything changes: a refused call leaves the cache as it was.
+        idx = None if rows is None else self._index(rows, "rows", self.batch, ranks=(1,))
+        lengths = self.lengths if idx is None else self.lengths[idx]
+        pos = None
+        if positions is not None:
+            pos = self._index(positions, "positions", self.max_len, ranks=(1, 2))
+            pos = pos.expand(lengths.shape[0], -1) if pos.dim() == 1 else pos
+            if pos.shape[0] != lengths.shape[0]:
+                raise ValueError(
+                    f"KVCache.select(positions=...) has {pos.shape[0]} rows but the cache has "
+                    f"{lengths.shape[0]}; give [N] positions for every row or "
+                    f"[{lengths.shape[0]}, N]."
+                )
+            if bool((pos >= lengths[:, None]).any()):
+                raise ValueError(
+                    f"KVCache.select(positions=...) names positions that were never written "
+                    f"(row lengths {lengths.tolist()})."
+                )
+        if idx is not None:
+            self.k, self.v, self.lengths = self.k[idx], self.v[idx], lengths
+        if pos is None:
             return
-        pos = self._index(positions, "positions", self.max_len, ranks=(1, 2))
-        pos = pos.expand(self.batch, -1) if pos.dim() == 1 else pos
-        if pos.shape[0] != self.batch:
-            raise ValueError(
-                f"KVCache.select(positions=...) has {pos.shape[0]} rows but the cache has "
-                f"{self.batch}; give [N] positions for every row or [{self.batch}, N]."
-            )
-        if bool((pos >= self.lengths[:, None]).any()):
-            raise ValueError(
-                f"KVCache.select(positions=...) names positions that were never written (row "
-                f"lengths {self.lengths.tolist()})."
-            )
         n = pos.shape[1]
         gather = pos[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.head_dim)
         self.k[:, :, :n] = self.k.gather(2, gather)
@@ -132,23 +148,46 @@ class KVCache:
         counts = torch.full_like(self.lengths, _count(q_len))
         return _CacheStep(as_mask(mask, name="step_mask(mask)"), self.lengths.clone(), counts)
 
-    def append(self, k: Tensor, v: Tensor, counts: Tensor) -> Tensor:
-        """Write ``k``, ``v`` (``[B, H_kv, S, D]``) at each row's length; rows advance by
-        ``counts`` (``[B]``, real tokens of this call; the rest are padding, overwritten later).
-        Returns the lengths before the write: the position of each row's first new token."""
-        s = k.shape[2]
+    def check_room(self, s: int) -> None:
+        """Raise before writing when ``s`` more positions per row would pass ``max_len``."""
         if bool((self.lengths + s > self.max_len).any()):
             raise ValueError(
                 f"KVCache is full: writing {s} positions after lengths {self.lengths.tolist()} "
                 f"would pass max_len={self.max_len}; make a longer cache or reset() it."
             )
+
+    def append(self, k: Tensor, v: Tensor, counts: Tensor) -> Tensor:
+        """Write ``k``, ``v`` (``[B, H_kv, S, D]``) at each row's length; rows advance by
+        ``counts`` (``[B]``, real tokens of this call; the rest are padding, overwritten later).
+        Returns the lengths before the write: the position of each row's first new token."""
+        self.check_room(k.shape[2])
         start = self.lengths.clone()
-        pos = (start[:, None] + torch.arange(s, device=start.device))[:, None, :, None]
-        pos = pos.expand(-1, self.num_kv_heads, -1, self.head_dim)
+        pos = self._slots(start, k.shape[2])
         self.k.scatter_(2, pos, k.to(self.k.dtype))
         self.v.scatter_(2, pos, v.to(self.v.dtype))
         self.lengths += counts
         return start
+
+    @contextlib.contextmanager
+    def appended(self, k: Tensor, v: Tensor, counts: Tensor) -> Iterator[Tensor]:
+        """``append`` for the body of a ``with`` block, undone exactly if the block raises: the
+        keys, values and lengths are then what they were before. Yields ``append``'s result."""
+        self.check_room(k.shape[2])
+        lengths = self.lengths.clone()
+        pos = self._slots(lengths, k.shape[2])
+        old_k, old_v = self.k.gather(2, pos), self.v.gather(2, pos)
+        try:
+            yield self.append(k, v, counts)
+        except BaseException:
+            self.k.scatter_(2, pos, old_k)
+            self.v.scatter_(2, pos, old_v)
+            self.lengths.copy_(lengths)
+            raise
+
+    def _slots(self, start: Tensor, s: int) -> Tensor:
+        """Scatter/gather indices of ``s`` positions per row from ``start``: ``[B, H, s, D]``."""
+        pos = (start[:, None] + torch.arange(s, device=start.device))[:, None, :, None]
+        return pos.expand(-1, self.num_kv_heads, -1, self.head_dim)
 
     def check_compatible(self, batch: int, num_kv_heads: int, head_dim: int, like: Tensor) -> None:
         """Raise when this cache cannot serve a module's call (before anything is written)."""
@@ -165,13 +204,20 @@ class KVCache:
 
     def _index(self, value: Any, name: str, bound: int, ranks: tuple[int, ...]) -> Tensor:
         call = f"KVCache.select({name}=...)"
+        shapes = " or ".join(f"{r}-D" for r in ranks)
         if (
             not isinstance(value, Tensor)
             or value.dtype.is_floating_point
-            or value.dim() not in ranks
+            or value.dtype.is_complex
+            or value.dtype == torch.bool
         ):
-            shapes = " or ".join(f"{r}-D" for r in ranks)
-            raise TypeError(f"{call} needs a {shapes} integer tensor, got {value!r}.")
+            hint = " (for a bool mask of rows, pass rows.nonzero().flatten())"
+            raise TypeError(
+                f"{call} needs a {shapes} integer tensor of indices, got {value!r}"
+                f"{hint if isinstance(value, Tensor) and value.dtype == torch.bool else ''}."
+            )
+        if value.dim() not in ranks:
+            raise ValueError(f"{call} needs a {shapes} tensor, got shape {tuple(value.shape)}.")
         if value.numel() and (int(value.min()) < 0 or int(value.max()) >= bound):
             raise ValueError(f"{call} must lie in 0..{bound - 1}, got {value.tolist()}.")
         return value.to(self.k.device).long()
@@ -189,9 +235,23 @@ class _CacheStep(MaskMod):
     ``start[b] + count[b]``; ``inner`` is the user's mask in absolute positions."""
 
     def __init__(self, inner: MaskMod, start: Tensor, count: Tensor) -> None:
+        rows = inner.batch_size
+        if rows is not None and rows != start.shape[0]:
+            raise ValueError(
+                f"the mask {inner!r} holds per-batch tensors of {rows} rows but the KV cache "
+                f"has {start.shape[0]}; give one entry per cached sequence."
+            )
         self.inner = inner
         self.start = start
         self.count = count
+        check_depth(inner.depth + 1)
+
+    @property
+    def depth(self) -> int:
+        return self.inner.depth + 1
+
+    def _sealed_leaf(self) -> bool:
+        return self.inner.sealed
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         s, n = self.start[b], self.count[b]
@@ -215,5 +275,23 @@ class _CacheStep(MaskMod):
 
     def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
         # The inner mask sees absolute positions up to kv_len; masks holding per-position tensors
-        # treat positions past them as empty, so nothing needs binding here.
+        # treat positions past them as empty, so nothing needs binding here, but left padding
+        # counts from the end of a sequence, and a cache has none.
+        if _left_padding(self.inner):
+            raise ValueError(
+                f"the mask {self.inner!r} holds padding(side='left'), which counts from the end "
+                "of the sequence; a KV cache grows, so it has no end to count from. Pass "
+                "forward(..., lengths=..., padding_side='left') for left-padded prompts instead."
+            )
         return self
+
+
+def _left_padding(mask: MaskMod) -> bool:
+    """Whether ``mask`` holds an unbound ``padding(side='left')`` anywhere (wrappers included)."""
+    for leaf in mask.leaves():
+        inner = getattr(leaf, "inner", None)
+        if isinstance(inner, MaskMod) and _left_padding(inner):
+            return True
+        if isinstance(leaf, _Padding) and leaf.side == "left" and leaf.start is None:
+            return True
+    return False

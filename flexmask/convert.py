@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, create_mask
+from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_count, check_lengths, resolve_batch, resolve_device
-from .masks import MaskMod, MaskModFn, Tiles, _Tokens, as_mask, shifted
+from ._checks import check_count, check_lengths, check_memory, resolve_batch, resolve_device
+from .masks import MaskMod, MaskModFn, Tiles, _Tokens, as_mask, capture, shifted
 
 __all__ = [
     "block_mask_to_dense",
@@ -44,6 +44,11 @@ def to_dense(
         q_offset: the queries' first position, ``shifted(mask, q_offset)`` (decoding after a
             cache: ``kv_len - q_len``).
 
+    Raises:
+        TypeError, ValueError: for bad arguments, a mask_mod that does not return a bool tensor,
+            or a mask too large for the free memory (``q_len x kv_len`` bytes per batch row and
+            head; use ``block_mask`` instead, which grows with the number of blocks).
+
     Example:
         >>> import flexmask as fm
         >>> fm.to_dense(fm.causal() & fm.padding([2, 3]), 3).shape
@@ -51,10 +56,26 @@ def to_dense(
     """
     m = with_offset(as_mask(mask), q_offset)
     kv_len = check_lengths(q_len, kv_len)
-    batch = resolve_batch(m, batch)
-    nh = check_count(heads, "heads", allow_none=False)
+    batch = resolve_batch(m, batch) or 1
+    nh = check_count(heads, "heads", allow_none=False) or 1
     dev = resolve_device(m, device)
-    return create_mask(m.bind(q_len, kv_len), batch, nh, q_len, kv_len, dev)
+    check_memory(
+        batch * nh * q_len * kv_len,
+        f"to_dense(q_len={q_len}, kv_len={kv_len}) for {batch} batch row(s) x {nh} head(s)",
+        "use flexmask.block_mask (memory grows with blocks, not pairs), or describe() for counts",
+        dev,
+    )
+    bound = m.bind(q_len, kv_len)
+    out = torch.empty(batch, nh, q_len, kv_len, dtype=torch.bool, device=dev)
+    b = torch.arange(batch, device=dev).repeat_interleave(nh)
+    h = torch.arange(nh, device=dev).repeat(batch)
+    zero = torch.zeros_like(b)
+    rows = max(1, 2**22 // (batch * nh * kv_len))  # a few million pairs at a time
+    for q0 in range(0, q_len, rows):
+        n = min(rows, q_len - q0)
+        tiles = evaluate_tiles(bound, b, h, zero + q0, zero, n, kv_len, q_len, kv_len)
+        out[:, :, q0 : q0 + n] = tiles.view(batch, nh, n, kv_len)
+    return out
 
 
 def with_offset(mask: MaskMod, q_offset: int | Tensor) -> MaskMod:
@@ -64,7 +85,7 @@ def with_offset(mask: MaskMod, q_offset: int | Tensor) -> MaskMod:
     return shifted(mask, q_offset)
 
 
-def from_hf_attention_mask(attention_mask: Tensor) -> MaskMod:
+def from_hf_attention_mask(attention_mask: Tensor, *, keys_only: bool = False) -> MaskMod:
     """A Transformers 2-D attention mask (1 = token, 0 = pad): pads neither attend nor are seen.
 
     ``attention_mask`` is ``[B, S]`` with 1 for real tokens and 0 for padding, in any pattern
@@ -77,6 +98,13 @@ def from_hf_attention_mask(attention_mask: Tensor) -> MaskMod:
         ■ ⬚ ■ ■
         ■ ⬚ ■ ■
 
+    With ``keys_only=True`` only keys are masked: every query sees the real keys, as
+    Transformers reads a 2-D mask, and as cross-attention needs (``S`` then counts keys; the
+    queries are another sequence). For ``[[1, 0, 1, 1]]``, 2 queries::
+
+        ■ ⬚ ■ ■
+        ■ ⬚ ■ ■
+
     Raises:
         TypeError: if it is not a tensor of 0/1 integers or bools.
         ValueError: if it is not 2-D or holds values other than 0 and 1.
@@ -86,8 +114,15 @@ def from_hf_attention_mask(attention_mask: Tensor) -> MaskMod:
         >>> m = fm.causal() & fm.from_hf_attention_mask(torch.tensor([[0, 1, 1]]))
         >>> fm.to_dense(m, 3)[0, 0].int().tolist()
         [[0, 0, 0], [0, 1, 0], [0, 1, 1]]
+        >>> keys = fm.from_hf_attention_mask(torch.tensor([[1, 1, 0]]), keys_only=True)
+        >>> fm.to_dense(keys, 2, 3)[0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 0]]
     """
     call = "from_hf_attention_mask(attention_mask=...)"
+    if not isinstance(keys_only, bool):
+        raise TypeError(
+            f"from_hf_attention_mask(keys_only=...) must be True or False, got {keys_only!r}."
+        )
     if not isinstance(attention_mask, Tensor):
         raise TypeError(
             f"{call} needs a [batch, seq_len] tensor of 0/1, got {type(attention_mask).__name__}."
@@ -99,11 +134,16 @@ def from_hf_attention_mask(attention_mask: Tensor) -> MaskMod:
         )
     if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
         raise TypeError(f"{call} needs integers or bools (1 = token), got {attention_mask.dtype}.")
+    if attention_mask.is_meta or attention_mask.numel() == 0:
+        raise ValueError(
+            f"{call} needs values (at least one row and one position, not a meta tensor), got "
+            f"shape {tuple(attention_mask.shape)} on {attention_mask.device}."
+        )
     if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
         raise ValueError(
             f"{call} holds values other than 0 and 1: {attention_mask.unique().tolist()}."
         )
-    return _Tokens(attention_mask.detach().bool().clone())
+    return _Tokens(capture(attention_mask.bool()), keys_only)
 
 
 def to_hf_4d(
@@ -187,6 +227,11 @@ def evaluate_tiles(
     Tile ``n`` covers queries ``q_start[n] + [0, q_size)`` and keys ``kv_start[n] + [0, kv_size)``
     of batch row ``b[n]``, head ``h[n]``. Positions past ``q_len``/``kv_len`` are False (the mask
     is never called on them). Uses vmap like ``create_mask``, so any mask_mod works.
+
+    Raises:
+        TypeError: if the mask returns anything but a bool tensor.
+        ValueError: if a plain mask_mod fails under vmap (Python control flow on its arguments,
+            ``.item()``, an index out of range): the message says how to write it.
     """
     from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
 
@@ -201,13 +246,35 @@ def evaluate_tiles(
         return torch.vmap(row, in_dims=(0, None))(q, kv)
 
     # TransformGetItemToIndex lets masks index captured tensors with batched indices (torch's
-    # create_mask does the same).
-    with TransformGetItemToIndex():
-        out = torch.vmap(tile)(b, h, q_start, kv_start)
+    # create_mask does the same). Masks are built outside inference mode: the result may be
+    # cached and must serve training too.
+    try:
+        with TransformGetItemToIndex(), torch.inference_mode(False), torch.no_grad():
+            out = torch.vmap(tile)(b, h, q_start, kv_start)
+    except Exception as err:
+        if isinstance(mask, MaskMod) and mask.sealed:
+            raise  # flexmask's own masks raise ValueErrors that say what to fix
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"the mask_mod {_name(mask)} failed when evaluated the way torch evaluates "
+            f"mask_mods, under vmap ({type(err).__name__}: {first}); write it with tensor "
+            "operations only: &, |, ~ instead of and/or/not, torch.where instead of if, no "
+            ".item() or int() on its arguments, and indices inside the tensors it reads."
+        ) from err
+    if not isinstance(out, Tensor) or out.dtype != torch.bool:
+        got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+        raise TypeError(
+            f"the mask_mod {_name(mask)} returned {got}; a mask_mod returns a bool tensor "
+            "(True = may attend), e.g. `return q_idx >= kv_idx`, or `(x != 0)` for 0/1 values."
+        )
     out = out.expand(b.shape[0], q_size, kv_size)  # a constant mask returns a broadcast scalar
     inside_q = (q_start[:, None] + q_off) < q_len
     inside_kv = (kv_start[:, None] + kv_off) < kv_len
     return out & inside_q[:, :, None] & inside_kv[:, None, :]
+
+
+def _name(mask: object) -> str:
+    return repr(mask) if isinstance(mask, MaskMod) else getattr(mask, "__name__", repr(mask))
 
 
 def tile_counts(
@@ -230,6 +297,9 @@ def tile_counts(
     m = as_mask(mask).bind(q_len, kv_len)
     dev = resolve_device(m, device)
     nkv = -(-kv_len // size)
+    nq = -(-q_len // size)
+    check_memory(nq * nkv * 8, f"counting a {q_len} x {kv_len} mask in {size} x {size} tiles",
+                 "use shorter lengths, or larger tiles (block_size)", dev)  # fmt: skip
     band = size * max(1, 2**18 // nkv)  # a few hundred thousand tiles at a time
     rows = []
     for q_from in range(0, q_len, band):
@@ -253,11 +323,22 @@ def block_mask_to_dense(block_mask: BlockMask) -> Tensor:
 
     Full blocks are all True, empty blocks all False, partial blocks take the BlockMask's
     ``mask_mod`` (evaluated only there), exactly what ``flex_attention`` computes.
+
+    Raises:
+        TypeError: if ``block_mask`` is not a BlockMask (``to_dense`` takes a mask).
+        ValueError: if the dense mask would not fit in memory.
     """
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(
+            f"block_mask_to_dense(block_mask=...) needs a torch BlockMask, got "
+            f"{type(block_mask).__name__}; for a mask, use flexmask.to_dense(mask, q_len)."
+        )
     q_len, kv_len = block_mask.seq_lengths
     qbs, kvbs = block_mask.BLOCK_SIZE
     kinds = block_kinds(block_mask)  # [B, H, QB, KVB]: 0 empty, 1 partial, 2 full
     nb, nh, nqb, nkvb = kinds.shape
+    check_memory(nb * nh * nqb * qbs * nkvb * kvbs, f"block_mask_to_dense of a {q_len} x {kv_len} "
+                 "BlockMask", "use describe() for its counts", kinds.device)  # fmt: skip
     # Tile layout [B, H, QB, qbs, KVB, kvbs]: a block is one [qbs, kvbs] slice.
     tiles = (kinds == 2)[:, :, :, None, :, None].expand(nb, nh, nqb, qbs, nkvb, kvbs).clone()
     for (bi, hi, qi, ki), values in partial_tiles(block_mask, kinds):

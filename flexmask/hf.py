@@ -9,7 +9,15 @@ arrives as None and causality is silently lost). Then::
     model(input_ids, position_ids=p, flexmask_mask=m)     # any flexmask mask, this call only
 
 ``flexmask_mask`` is in absolute positions: the queries are the last ``q_len`` positions of the
-key/value sequence (after a cache, ``q_offset = kv_len - q_len``).
+key/value sequence (after a cache, ``q_offset = kv_len - q_len``). Like a 4-D ``attention_mask``
+in Transformers, it replaces the model's mask on every layer (sliding layers included).
+
+The attention function honours what Transformers' own eager, SDPA and flex functions honour:
+``scaling``, ``dropout``, ``softcap`` (Gemma2), attention sinks (``s_aux``, GPT-OSS; ``sinks``),
+``position_bias`` (T5), ``is_causal`` and ``sliding_window`` (where it builds the mask itself). A
+2-D padding mask masks keys only, as in Transformers, so cross-attention over a padded encoder
+is right. Any other keyword that could change the result is refused with an error naming it,
+never ignored.
 
 Needs the ``hf`` extra (``transformers``); imported only when used.
 """
@@ -23,9 +31,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import dense_mask_for, flex_attend, masked_sdpa
+from .attention import (
+    ScoreModFn,
+    dense_mask_for,
+    flex_attend,
+    masked_sdpa,
+    softmax_attention,
+)
+from .block import Coverage, DenseMask
 from .convert import from_hf_attention_mask, to_hf_4d
-from .masks import MaskMod, as_mask, causal, full, shifted
+from .masks import MaskMod, as_mask, causal, full, shifted, sliding_window
 from .sparse import sparse_attention
 from .tree import Tree
 
@@ -45,6 +60,20 @@ __all__ = ["HFMask", "TreeVerification", "register", "tree_inputs", "unregister"
 
 BACKENDS = ("auto", "flex", "sdpa", "sparse")
 _REGISTERED: dict[str, str] = {}  # name -> backend, for names flexmask registered
+# Transformers' own implementations, as the installed version lists them ("eager" is built into
+# every model and has a mask function only); read before flexmask registers anything.
+_TRANSFORMERS_NAMES = frozenset(
+    {"eager", *AttentionInterface._global_mapping, *AttentionMaskInterface._global_mapping}
+)
+# Keywords models pass that cannot change attention here: what other kernels use (flash
+# attention's varlen tensors: the mask already holds the packing, from position_ids) and
+# bookkeeping. Every other keyword is either honoured or refused.
+_NO_EFFECT = frozenset({
+    "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
+    "cache_position", "past_key_values", "past_key_value", "use_cache", "layer_idx",
+    "output_hidden_states", "output_router_logits", "num_items_in_batch", "return_dict",
+    "kernel_options", "deterministic", "target_dtype", "query_length",
+})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,10 +105,23 @@ def register(name: str = "flexmask", *, backend: str = "auto") -> str:
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"register(name=...) needs a non-empty str, got {name!r}.")
-    if name in AttentionInterface._global_mapping and name not in _REGISTERED:
+    if name in _TRANSFORMERS_NAMES:
         raise ValueError(
             f"register(name={name!r}) would replace Transformers' own {name!r} attention; "
             "choose another name, e.g. 'flexmask'."
+        )
+    taken = name in AttentionInterface._global_mapping or name in (
+        AttentionMaskInterface._global_mapping
+    )
+    if taken and name not in _REGISTERED:
+        raise ValueError(
+            f"register(name={name!r}): {name!r} is already registered by someone else; choose "
+            "another name, e.g. 'flexmask'."
+        )
+    if any(c in name for c in "|:/"):
+        raise ValueError(
+            f"register(name={name!r}): Transformers reads '|', ':' and '/' in attention names "
+            "itself (paged attention, hub kernels); choose a name without them."
         )
     if backend not in BACKENDS:
         raise ValueError(f"register(backend=...) must be one of {BACKENDS}, got {backend!r}.")
@@ -132,11 +174,13 @@ def _mask_function(
     else:
         mask = as_mask(mask_function, name="Transformers' mask_function")
     if attention_mask is not None and not bool(attention_mask.all()):
-        frame = max(q_offset + q_length, kv_offset + kv_length)  # every position, absolute
+        # A 2-D mask pads keys only (Transformers' padding_mask_function); its columns are
+        # absolute key positions. Cross-attention: keys are the encoder's, queries not.
+        frame = kv_offset + kv_length
         am = attention_mask[:, :frame]
         if am.shape[1] < frame:  # a static cache longer than the tokens seen: the rest is empty
             am = torch.nn.functional.pad(am, (0, frame - am.shape[1]), value=False)
-        mask = mask & from_hf_attention_mask(am)
+        mask = mask & from_hf_attention_mask(am, keys_only=True)
     if q_offset or kv_offset:
         mask = shifted(mask, q_offset, kv_offset)
     return HFMask(mask, (batch_size, 1, q_length, kv_length))
@@ -154,47 +198,154 @@ def _attention_function(backend: str) -> Callable[..., tuple[Tensor, None]]:
         **kwargs: Any,
     ) -> tuple[Tensor, None]:
         # query: [B, H, q_len, D]; key, value: [B, H_kv, kv_len, D]
-        q_len, kv_len = query.shape[2], key.shape[2]
-        override = kwargs.get("flexmask_mask")
-        if override is not None:  # absolute positions: the queries end where the keys end
-            mask = _local(as_mask(override, name="flexmask_mask"), q_len, kv_len)
-        elif isinstance(attention_mask, HFMask):
-            mask = attention_mask.mask
-        elif attention_mask is None:
-            mask = _local(causal() if getattr(module, "is_causal", True) else full(), q_len, kv_len)
-        elif isinstance(attention_mask, Tensor) and attention_mask.dim() == 4:
-            dense = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-            out = masked_sdpa(
-                query, key, value, dense[..., :kv_len], dropout_p=dropout, scale=scaling
-            )
-            return out.transpose(1, 2).contiguous(), None
-        else:
-            raise TypeError(
-                f"flexmask attention got an attention_mask of type "
-                f"{type(attention_mask).__name__}; pass a 2-D padding mask, a 4-D mask, or "
-                "flexmask_mask=..."
-            )
+        f = _Features.read(module, kwargs)
+        mask, dense, mask_bias = _layer_mask(attention_mask, f, query, key)
+        bias = mask_bias if f.bias is None else f.bias if mask_bias is None else f.bias + mask_bias
         use_flex = backend == "flex" or (backend == "auto" and query.device.type == "cuda")
-        if backend == "sparse":
+        if backend == "sparse" and (
+            f.softcap is not None or f.sinks is not None or bias is not None
+        ):
+            raise ValueError(
+                "flexmask backend 'sparse' runs SDPA on blocks and cannot apply soft-capping, "
+                "attention sinks or a position bias; register flexmask with backend='auto' or "
+                "'sdpa' for this model."
+            )
+        if mask is not None and backend == "sparse":
             p = dropout if module.training else 0.0
             out = sparse_attention(query, key, value, mask, scale=scaling, dropout_p=p)
-        elif use_flex and not (module.training and dropout):
-            out = flex_attend(query, key, value, mask, scale=scaling)
+        elif mask is not None and use_flex and not dropout and f.sinks is None and bias is None:
+            out = flex_attend(query, key, value, mask, scale=scaling, score_mod=f.score_mod())
         else:
-            out = masked_sdpa(query, key, value, dense_mask_for(mask, query, key),
-                              dropout_p=dropout, scale=scaling)  # fmt: skip
+            if mask is not None:
+                dense = dense_mask_for(mask, query, key.shape[2])
+            if f.softcap is None and f.sinks is None and bias is None:
+                out = masked_sdpa(query, key, value, dense, dropout_p=dropout, scale=scaling)
+            else:
+                out = softmax_attention(query, key, value, dense, score_mod=f.score_mod(),
+                                        bias=bias, sinks=f.sinks, scale=scaling,
+                                        dropout_p=dropout)  # fmt: skip
         return out.transpose(1, 2).contiguous(), None  # [B, q_len, H, D], no weights
 
     return flexmask_attention
 
 
+@dataclass(frozen=True)
+class _Features:
+    """What a call asks of attention besides the mask, read from the keywords Transformers
+    passes; anything that could change the result and is not honoured here is refused."""
+
+    softcap: float | None
+    sinks: Tensor | None  # [H] (s_aux) or broadcastable to [B, H, q_len, 1] (sinks)
+    bias: Tensor | None  # additive, broadcastable to [B, H, q_len, kv_len] (T5 position_bias)
+    is_causal: bool
+    sliding_window: int | None
+    override: MaskMod | None  # flexmask_mask
+
+    @classmethod
+    def read(cls, module: torch.nn.Module, kwargs: dict[str, Any]) -> _Features:
+        unknown = sorted(set(kwargs) - _NO_EFFECT - {
+            "softcap", "s_aux", "sinks", "position_bias", "is_causal", "sliding_window",
+            "flexmask_mask", "output_attentions",
+        })  # fmt: skip
+        if unknown:
+            raise ValueError(
+                f"flexmask attention was passed {', '.join(map(repr, unknown))}, which it does not "
+                "know how to honour; rather than ignore what may change the result, it stops. "
+                "Use attn_implementation='eager' or 'sdpa' for this model, or open an issue."
+            )
+        if kwargs.get("output_attentions"):
+            raise ValueError(
+                "flexmask attention returns no attention weights (output_attentions=True); use "
+                "attn_implementation='eager' to get them."
+            )
+        if kwargs.get("s_aux") is not None and kwargs.get("sinks") is not None:
+            raise ValueError("flexmask attention got both s_aux and sinks; pass one of them.")
+        sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
+        override = kwargs.get("flexmask_mask")
+        is_causal = kwargs.get("is_causal")
+        return cls(
+            softcap=kwargs.get("softcap"),
+            sinks=sinks,
+            bias=kwargs.get("position_bias"),
+            is_causal=getattr(module, "is_causal", True) if is_causal is None else is_causal,
+            sliding_window=kwargs.get("sliding_window"),
+            override=None if override is None else as_mask(override, name="flexmask_mask"),
+        )
+
+    def score_mod(self) -> ScoreModFn | None:
+        """Soft-capping as a score_mod (Gemma2: ``cap * tanh(score / cap)`` on scaled scores)."""
+        cap = self.softcap
+        if cap is None:
+            return None
+
+        def softcap(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return cap * torch.tanh(score / cap)
+
+        return softcap
+
+
+def _layer_mask(
+    attention_mask: Any, f: _Features, query: Tensor, key: Tensor
+) -> tuple[MaskMod | None, DenseMask | None, Tensor | None]:
+    """This layer's mask in local coordinates: a flexmask mask, or a dense mask (with the bias
+    an additive float mask carries) when the model handed a 4-D tensor."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if f.override is not None:  # absolute positions: the queries end where the keys end
+        return _local(f.override, q_len, kv_len), None, None
+    if isinstance(attention_mask, HFMask):
+        return attention_mask.mask, None, None  # the mask function applied causality, windows
+    if attention_mask is None:
+        mask = causal() if f.is_causal else full()
+        if f.sliding_window is not None:
+            mask = mask & _window(f.sliding_window, f.is_causal)
+        return _local(mask, q_len, kv_len), None, None
+    if isinstance(attention_mask, Tensor) and attention_mask.dim() == 4:
+        return None, *_dense_4d(attention_mask[..., :kv_len])
+    raise TypeError(
+        f"flexmask attention got an attention_mask of type {type(attention_mask).__name__}; "
+        "pass a 2-D padding mask, a 4-D mask, or flexmask_mask=..."
+    )
+
+
 def _local(mask: MaskMod, q_len: int, kv_len: int) -> MaskMod:
+    """A mask in absolute positions, seen from queries that are the last ``q_len`` of ``kv_len``
+    positions."""
     if kv_len < q_len:
         raise ValueError(
             f"flexmask_mask: {q_len} queries but only {kv_len} keys; the queries must be the last "
             "positions of the key/value sequence."
         )
     return shifted(mask, kv_len - q_len) if kv_len > q_len else mask
+
+
+def _window(window: int, is_causal: bool) -> MaskMod:
+    """Transformers' sliding window overlays: ``q - kv < w`` on causal layers, ``|q - kv| < w``
+    on bidirectional ones (the ``sliding_window`` that models pass to attention functions)."""
+    if is_causal:
+        return sliding_window(window)
+
+    def bidirectional_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (q_idx - kv_idx).abs() < window
+
+    return as_mask(bidirectional_window)
+
+
+def _dense_4d(mask: Tensor) -> tuple[DenseMask, Tensor | None]:
+    """A 4-D mask as Transformers models take it: bool (True = attend) or additive float (0 to
+    attend, ``finfo.min`` or ``-inf`` to mask, other values added to the scores: returned as a
+    bias). Integer masks are refused: 0/1 read as additive would invert them silently."""
+    if mask.dtype == torch.bool:
+        return DenseMask(mask, Coverage.of_dense(mask)), None
+    if not mask.dtype.is_floating_point:
+        raise TypeError(
+            f"flexmask attention got a 4-D attention_mask of dtype {mask.dtype}; Transformers "
+            "reads a 4-D mask as bool (True = attend) or additive float (0 = attend, "
+            "finfo(dtype).min = masked), so an integer 0/1 mask is ambiguous. Build it with "
+            "flexmask.to_hf_4d(mask, q_len, kv_len, dtype=model.dtype), or pass mask.bool()."
+        )
+    allowed = mask > torch.finfo(mask.dtype).min
+    bias = mask.where(allowed, 0.0)
+    return DenseMask(allowed, Coverage.of_dense(allowed)), bias if bool(bias.any()) else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._checks import MAX_INDEX, as_device, check_memory
+
 __all__ = [
     "MaskMod",
     "MaskModFn",
@@ -48,16 +50,23 @@ MaskModFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 # Operator precedence, to parenthesise only where needed: ~ binds tighter than &, & than |.
 _ATOM, _NOT, _AND, _OR = 4, 3, 2, 1
+MAX_DEPTH = 100
+"""Deepest expression flexmask builds (``a & b & c`` is one level; ``~(a & ~b)`` three): every
+walk over an expression recurses, and Python's stack is finite."""
 
 
 class MaskMod:
     """Base class of every flexmask mask; an instance is a torch mask_mod.
 
     Subclasses implement ``__call__`` and ``_expr``. Scalar-only masks override ``_key`` to give
-    value equality; the default is identity.
+    value equality; the default is identity. flexmask's own leaves are ``_sealed``: what they
+    compute depends only on their fields and ``_own_tensors()``, which is what lets results built
+    from them be cached (``cache_key``). A plain callable, or a subclass written elsewhere, may
+    read anything, so nothing built from it is cached.
     """
 
     _precedence = _ATOM
+    _sealed = False
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         raise NotImplementedError
@@ -147,10 +156,16 @@ class MaskMod:
         return devices.pop() if devices else None
 
     def to(self, device: torch.device | str) -> MaskMod:
-        """The same mask with its tensors on ``device``."""
+        """The same mask with its tensors on ``device``.
+
+        Raises:
+            TypeError, ValueError: if ``device`` is not a device this machine has (``"meta"``
+                is allowed: shapes without values).
+        """
+        dev = as_device(device, "mask.to(device=...)", allow_meta=True)
         if self.children:
-            return self._rebuild([c.to(device) for c in self.children])
-        return self._moved(torch.device(device))
+            return self._rebuild([c.to(dev) for c in self.children])
+        return self._moved(dev)
 
     def _moved(self, device: torch.device) -> MaskMod:
         return self
@@ -186,9 +201,37 @@ class MaskMod:
         return False
 
     @property
-    def cacheable(self) -> bool:
-        """True when the mask holds only scalars, so equal expressions mean equal masks."""
-        return self._key() is not None
+    def depth(self) -> int:
+        """Levels of nesting: 1 for a factory, one more per operator or wrapper around it."""
+        return 1
+
+    @property
+    def sealed(self) -> bool:
+        """Whether everything this mask reads is known to flexmask (False if it holds a plain
+        callable or a MaskMod subclass defined elsewhere)."""
+        return all(leaf._sealed_leaf() for leaf in self.leaves())
+
+    def _sealed_leaf(self) -> bool:
+        return type(self)._sealed or self._key() is not None
+
+    def cache_key(self) -> tuple[Any, ...] | None:
+        """A key under which results built from this mask may be cached, or None.
+
+        Equal keys mean masks that give the same answer now: scalar masks by value; masks
+        holding tensors by identity *and* the version counters of their tensors, so refilling a
+        tensor in place changes the key. None when flexmask cannot know what the mask reads (a
+        plain callable: results built from it are never cached) or a tensor keeps no version
+        counter (an inference tensor).
+        """
+        if self._key() is not None:
+            return (self,)
+        if not self.sealed:
+            return None
+        try:
+            versions = tuple(t._version for t in self.tensors())
+        except RuntimeError:  # inference tensors track no version
+            return None
+        return (self, versions)
 
     def bind(self, q_len: int, kv_len: int) -> MaskMod:
         """Check the mask against a ``q_len x kv_len`` problem and fix what depends on it.
@@ -353,10 +396,15 @@ class _Composite(MaskMod):
 
     def __init__(self, parts: tuple[MaskMod, ...]) -> None:
         self.parts = parts
+        self._depth = check_depth(1 + max(p.depth for p in parts))
 
     @property
     def children(self) -> tuple[MaskMod, ...]:
         return self.parts
+
+    @property
+    def depth(self) -> int:
+        return self._depth
 
     def _rebuild(self, children: list[MaskMod]) -> MaskMod:
         return type(self)(tuple(children))
@@ -458,6 +506,16 @@ class _Not(_Composite):
         return "~" + _wrap(self.parts[0], _NOT)
 
 
+def check_depth(depth: int) -> int:
+    """``depth`` if an expression that deep is allowed (``MAX_DEPTH``), else ValueError."""
+    if depth > MAX_DEPTH:
+        raise ValueError(
+            f"the mask expression is nested {depth} levels deep, more than the {MAX_DEPTH} "
+            "flexmask supports; flatten it (a & b & c needs no parentheses, ~~m is m)."
+        )
+    return depth
+
+
 def _wrap(mask: MaskMod, outer: int) -> str:
     text = mask._expr()
     return f"({text})" if mask._precedence < outer else text
@@ -503,7 +561,8 @@ def not_mask(mask: MaskModFn) -> MaskMod:
         >>> ~(fm.causal() | fm.chunked(2))
         ~(causal() | chunked(2))
     """
-    return _Not((as_mask(mask, name="not_mask() argument"),))
+    inner = as_mask(mask, name="not_mask() argument")
+    return inner.parts[0] if isinstance(inner, _Not) else _Not((inner,))  # ~~m is m
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,11 +575,21 @@ def _positive_int(value: Any, call: str, minimum: int = 1) -> int:
         raise TypeError(f"{call} needs an int, got {type(value).__name__} {value!r}.")
     if value < minimum:
         raise ValueError(f"{call} needs a value >= {minimum}, got {value}.")
+    if value > MAX_INDEX:
+        raise ValueError(f"{call} needs a value <= 2**62, got {value}.")
     return value
 
 
+def capture(tensor: Tensor) -> Tensor:
+    """A private copy of a tensor a mask keeps: detached, so later edits of the caller's tensor
+    don't leak in, and never an inference tensor, so a mask made under ``torch.inference_mode``
+    still serves training."""
+    with torch.inference_mode(False):
+        return tensor.detach().clone()
+
+
 def _int_tensor(value: Any, call: str, ranks: tuple[int, ...]) -> Tensor:
-    """An integer tensor of one of ``ranks``, copied so later edits of the caller's don't leak."""
+    """An integer tensor of one of ``ranks``, captured (see ``capture``)."""
     if isinstance(value, Tensor):
         tensor = value
     elif isinstance(value, Sequence) and not isinstance(value, str):
@@ -528,6 +597,8 @@ def _int_tensor(value: Any, call: str, ranks: tuple[int, ...]) -> Tensor:
             tensor = torch.tensor(value) if len(value) else torch.zeros(0, dtype=torch.long)
         except (TypeError, ValueError) as err:
             raise TypeError(f"{call} needs integers, got {value!r} ({err}).") from None
+        except (RuntimeError, OverflowError):  # ints past int64
+            raise ValueError(f"{call} needs integers below 2**63, got {value!r}.") from None
     else:
         raise TypeError(
             f"{call} needs an integer tensor (or a list of ints), got {type(value).__name__}."
@@ -540,7 +611,11 @@ def _int_tensor(value: Any, call: str, ranks: tuple[int, ...]) -> Tensor:
     if tensor.dim() not in ranks:
         shapes = " or ".join(f"{r}-D" for r in ranks)
         raise ValueError(f"{call} needs a {shapes} tensor, got shape {tuple(tensor.shape)}.")
-    return tensor.detach().clone()
+    if tensor.is_meta:
+        raise ValueError(
+            f"{call} got a meta tensor, which holds no values; pass one on 'cpu' or an accelerator."
+        )
+    return capture(tensor)
 
 
 def _lengths(value: Any, call: str, needs: str) -> Tensor:
@@ -550,6 +625,8 @@ def _lengths(value: Any, call: str, needs: str) -> Tensor:
         raise ValueError(f"{call} needs {needs}, got an empty tensor.")
     if int(tensor.min()) < 0:
         raise ValueError(f"{call} needs lengths >= 0, got {tensor.tolist()}.")
+    if int(tensor.max()) > MAX_INDEX:
+        raise ValueError(f"{call} needs lengths <= 2**62, got {int(tensor.max())}.")
     return tensor
 
 
@@ -575,6 +652,8 @@ def _index(t: Tensor, b: Tensor) -> Tensor:
 
 
 class _Full(MaskMod):
+    _sealed = True
+
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return kv_idx >= 0
 
@@ -614,6 +693,8 @@ def full() -> MaskMod:
 
 
 class _Causal(MaskMod):
+    _sealed = True
+
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return kv_idx <= q_idx
 
@@ -650,6 +731,8 @@ def causal() -> MaskMod:
 
 
 class _SlidingWindow(MaskMod):
+    _sealed = True
+
     def __init__(self, window: int) -> None:
         self.window = window
 
@@ -699,6 +782,8 @@ def sliding_window(window: int) -> MaskMod:
 
 
 class _PrefixLM(MaskMod):
+    _sealed = True
+
     def __init__(self, prefix_len: int | Tensor) -> None:
         self.prefix_len = prefix_len
 
@@ -770,6 +855,8 @@ def prefix_lm(prefix_len: int | Tensor | Sequence[int]) -> MaskMod:
 
 
 class _Padding(MaskMod):
+    _sealed = True
+
     def __init__(self, lengths: Tensor, side: str, start: Tensor | None = None) -> None:
         self.lengths = lengths
         self.side = side
@@ -873,6 +960,8 @@ def padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod:
 
 
 class _Document(MaskMod):
+    _sealed = True
+
     def __init__(self, doc_ids: Tensor, name: str = "document", shown: Tensor | None = None):
         self.doc_ids = doc_ids
         self.name = name
@@ -952,7 +1041,14 @@ def document(doc_ids: Tensor | Sequence[int]) -> MaskMod:
         >>> fm.to_dense(m, 3)[0, 0].int().tolist()
         [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
     """
-    return _Document(_int_tensor(doc_ids, "document(doc_ids=...)", ranks=(1, 2)))
+    call = "document(doc_ids=...)"
+    ids = _int_tensor(doc_ids, call, ranks=(1, 2))
+    if ids.numel() == 0:
+        raise ValueError(
+            f"{call} needs one document id per token (and a row per sequence for [B, S]), got "
+            f"shape {tuple(ids.shape)}."
+        )
+    return _Document(ids)
 
 
 def packed(lengths: Tensor | Sequence[int]) -> MaskMod:
@@ -982,11 +1078,17 @@ def packed(lengths: Tensor | Sequence[int]) -> MaskMod:
         [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
     """
     tensor = _lengths(lengths, "packed(lengths=...)", "at least one document length")
-    ids = torch.repeat_interleave(torch.arange(tensor.numel(), device=tensor.device), tensor)
+    total = sum(tensor.tolist())  # Python ints: a sum past int64 cannot wrap
+    check_memory(total * 8, f"packed(lengths=...) over {total} tokens (one document id each)",
+                 "check the lengths: they count tokens", tensor.device)  # fmt: skip
+    with torch.inference_mode(False):  # a mask's tensors are never inference tensors
+        ids = torch.repeat_interleave(torch.arange(tensor.numel(), device=tensor.device), tensor)
     return _Document(ids, name="packed", shown=tensor)
 
 
 class _Chunked(MaskMod):
+    _sealed = True
+
     def __init__(self, chunk: int) -> None:
         self.chunk = chunk
 
@@ -1037,6 +1139,8 @@ def chunked(chunk: int) -> MaskMod:
 
 
 class _Tree(MaskMod):
+    _sealed = True
+
     def __init__(self, parents: Tensor, context_len: int, ancestors: Tensor, ctx: Tensor):
         self.parents = parents
         self.context_len = context_len
@@ -1127,11 +1231,15 @@ def tree(parents: Tensor | Sequence[int], context_len: int = 0) -> MaskMod:
             f"{call}: node {i} has parent {int(p[i])}; every parent must be -1 (a root) or an "
             f"earlier node (0 <= parent < {i}). Order the nodes so parents come first."
         )
-    ancestors = torch.eye(n, dtype=torch.bool, device=p.device)
-    for i, parent in enumerate(p.tolist()):  # parents come first, so their rows are complete
-        if parent >= 0:
-            ancestors[i] |= ancestors[parent]
-    return _Tree(p, context_len, ancestors, torch.tensor(context_len, device=p.device))
+    check_memory(n * n, f"tree(parents=...) of {n} nodes (an {n} x {n} ancestor table)",
+                 "verify fewer candidates at a time", p.device)  # fmt: skip
+    with torch.inference_mode(False):  # a mask's tensors are never inference tensors
+        ancestors = torch.eye(n, dtype=torch.bool, device=p.device)
+        for i, parent in enumerate(p.tolist()):  # parents come first: their rows are complete
+            if parent >= 0:
+                ancestors[i] |= ancestors[parent]
+        ctx = torch.tensor(context_len, device=p.device)
+    return _Tree(p, context_len, ancestors, ctx)
 
 
 class _Shifted(MaskMod):
@@ -1141,6 +1249,14 @@ class _Shifted(MaskMod):
         self.inner = inner
         self.q_offset = q_offset
         self.kv_offset = kv_offset
+        check_depth(inner.depth + 1)
+
+    @property
+    def depth(self) -> int:
+        return self.inner.depth + 1
+
+    def _sealed_leaf(self) -> bool:
+        return self.inner.sealed
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return self.inner(b, h, q_idx + self.q_offset, kv_idx + self.kv_offset)
@@ -1229,21 +1345,29 @@ def shifted(mask: MaskModFn, q_offset: int | Tensor, kv_offset: int = 0) -> Mask
 
 
 class _Tokens(MaskMod):
-    """Pairs of real tokens, from a 0/1 ``[B, S]`` attention mask (any pattern)."""
+    """Real tokens from a 0/1 ``[B, S]`` attention mask (any pattern): pairs of real tokens, or
+    with ``keys_only`` real keys for any query (Transformers' reading of a 2-D mask, and the
+    only one that fits cross-attention, where queries and keys are different sequences)."""
 
-    def __init__(self, real: Tensor) -> None:
+    _sealed = True
+
+    def __init__(self, real: Tensor, keys_only: bool = False) -> None:
         self.real = real  # bool [B, S]
+        self.keys_only = keys_only
 
     def _per_position(self) -> bool:
         return True
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         n = self.real.shape[1]  # positions past the mask (a longer KV cache) are not tokens
-        real = self.real[b, q_idx.clamp(max=n - 1)] & self.real[b, kv_idx.clamp(max=n - 1)]
-        return real & (q_idx < n) & (kv_idx < n)
+        keep = self.real[b, kv_idx.clamp(max=n - 1)] & (kv_idx < n)
+        if self.keys_only:
+            return keep
+        return keep & self.real[b, q_idx.clamp(max=n - 1)] & (q_idx < n)
 
     def _expr(self) -> str:
-        return f"from_hf_attention_mask({_fmt_tensor(self.real.long())})"
+        keys = ", keys_only=True" if self.keys_only else ""
+        return f"from_hf_attention_mask({_fmt_tensor(self.real.long())}{keys})"
 
     def _own_tensors(self) -> list[Tensor]:
         return [self.real]
@@ -1252,15 +1376,16 @@ class _Tokens(MaskMod):
         return self.real.shape[0]
 
     def _moved(self, device: torch.device) -> MaskMod:
-        return _Tokens(self.real.to(device))
+        return _Tokens(self.real.to(device), self.keys_only)
 
     def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
         n = self.real.shape[1]
-        if n != max(q_len, kv_len):
+        want, what = (kv_len, "key") if self.keys_only else (max(q_len, kv_len), "position")
+        if n != want:
             raise ValueError(
                 f"from_hf_attention_mask(...): the attention mask covers {n} positions but the "
                 f"mask is built for q_len={q_len}, kv_len={kv_len}; it needs one entry per "
-                f"position ({max(q_len, kv_len)}), the cached ones included."
+                f"{what} ({want}), the cached ones included."
             )
         return self
 
@@ -1270,6 +1395,8 @@ class _Tokens(MaskMod):
 
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         real = self.real[tiles.b].long()
-        q_lo, q_hi = tiles.span(real, 0)
         k_lo, k_hi = tiles.span(real, 1)
+        if self.keys_only:
+            return k_lo == 1, k_hi == 1
+        q_lo, q_hi = tiles.span(real, 0)
         return (q_lo == 1) & (k_lo == 1), (q_hi == 1) & (k_hi == 1)

@@ -9,6 +9,11 @@ rows are gathered. An element mask exists only for runs holding partial blocks; 
 once per BlockMask and cached with the runs (the *plan*). The backward pass keeps each run's
 SDPA graph and adds its gradients into one buffer per input. Memory is proportional to the
 visited blocks, never to ``q_len x kv_len``.
+
+A second backward through the same graph (``retain_graph=True``, ``gradcheck``) recomputes the
+runs from the saved inputs (with the same dropout); a differentiable backward
+(``create_graph=True``: gradient penalties) recomputes them with an explicit softmax, which
+autograd can differentiate again.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .block import _LRU, block_mask_for
+from .block import _LRU, block_mask_for, block_mask_key, coverage
 from .convert import block_kinds, evaluate_tiles
 from .masks import MaskModFn, as_mask
 
@@ -53,7 +58,9 @@ def sparse_attention(
         scale: score scale, default ``1 / sqrt(D)``.
         dropout_p: attention-probability dropout.
 
-    Query rows that see no key give zeros (and zero gradients), never NaN.
+    Query rows that see no key give zeros (and zero gradients), never NaN, also when the
+    inputs hold NaN at positions the mask hides from every query (padding): those are zeroed
+    before computing.
 
     Example:
         >>> import torch, flexmask as fm
@@ -83,6 +90,11 @@ def sparse_attention(
     q_rows = _mask_rows(q, mb, mh, nqb * qbs)  # [Bm*Hm, hs, QB*qbs, D]
     k_rows = _mask_rows(k, mb, mh, nkvb * kvbs)
     v_rows = _mask_rows(v, mb, mh, nkvb * kvbs)
+    cover = coverage(mask)
+    if not cover.complete:  # nothing hidden from every query may reach the output (NaN * 0)
+        q_rows = q_rows.where(_row_flags(cover.rows, nqb * qbs), 0.0)
+        k_flags = _row_flags(cover.keys, nkvb * kvbs)
+        k_rows, v_rows = k_rows.where(k_flags, 0.0), v_rows.where(k_flags, 0.0)
     if not plan.runs:  # nothing visible: zeros, still in the graph so that gradients are zeros
         inputs = q.sum() + k.sum() + v.sum()
         never = torch.zeros((), dtype=torch.bool, device=q.device)
@@ -95,6 +107,12 @@ def sparse_attention(
     return _unblock(result, bsz, nh, mb, mh, nqb, qbs)[:, :, :s_q]
 
 
+def _row_flags(flags: Tensor, padded: int) -> Tensor:
+    """``[Bm, Hm, S]`` per-position flags -> ``[Bm*Hm, 1, padded, 1]`` (False past ``S``)."""
+    flat = flags.flatten(0, 1)
+    return F.pad(flat, (0, padded - flat.shape[-1]))[:, None, :, None]
+
+
 def _attend_runs(
     q_rows: Tensor,
     k_rows: Tensor,
@@ -104,13 +122,16 @@ def _attend_runs(
     scale: float | None,
     dropout_p: float,
     graphs: list[tuple[Tensor, ...]] | None = None,
+    explicit: bool = False,
 ) -> Tensor:
     """Every run of the plan, one SDPA call each: ``[Bm*Hm*QB, hs, qbs, D]`` query blocks.
 
     With ``graphs``, each run's inputs are made leaves and its autograd graph is kept there as
-    ``(out, qg, kg, vg)`` for ``_SparseRuns.backward``."""
+    ``(out, qg, kg, vg)`` for ``_SparseRuns.backward``. ``explicit`` computes each run with an
+    explicit softmax instead of SDPA (differentiable twice; no dropout)."""
     qbs, kvbs = sizes
     gqa = q_rows.shape[1] != k_rows.shape[1]
+    attend = _explicit_attention if explicit else F.scaled_dot_product_attention
     outs = []
     for run in plan.runs:
         n = len(run.qb)
@@ -125,7 +146,7 @@ def _attend_runs(
         with torch.enable_grad() if graphs is not None else contextlib.nullcontext():
             if graphs is not None:
                 qg, kg, vg = (t.detach().requires_grad_() for t in (qg, kg, vg))
-            out = F.scaled_dot_product_attention(
+            out = attend(
                 qg, kg, vg, attn_mask=run.attn_mask(q_rows.dtype), dropout_p=dropout_p,
                 scale=scale, enable_gqa=gqa,
             )  # fmt: skip
@@ -144,52 +165,133 @@ def _attend_runs(
     return result.index_copy(0, plan.order, torch.cat(outs))
 
 
+def _explicit_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    scale: float | None,
+    enable_gqa: bool,
+) -> Tensor:
+    """SDPA's arithmetic written out with ops autograd can differentiate again."""
+    if enable_gqa:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_mask is not None:  # additive, and no row is all -inf (blind rows are opened)
+        scores = scores + attn_mask
+    return torch.softmax(scores, dim=-1) @ v
+
+
 class _SparseRuns(torch.autograd.Function):
     """The runs with a backward pass that writes each run's gradients into one buffer per input
-    (autograd through per-run views of q, k, v would add a full-size zero gradient per run)."""
+    (autograd through per-run views of q, k, v would add a full-size zero gradient per run).
+
+    The first backward reuses the graphs the forward pass kept; a later one (``retain_graph``)
+    recomputes them from the saved inputs, with the dropout of the forward pass; a
+    differentiable one (``create_graph``) recomputes the runs with an explicit softmax."""
 
     @staticmethod
     def forward(
         ctx: Any, q_rows: Tensor, k_rows: Tensor, v_rows: Tensor, plan: _Plan,
         sizes: tuple[int, int], scale: float | None, dropout_p: float,
     ) -> Tensor:  # fmt: skip
+        device = q_rows.device
+        ctx.rng = _rng_state(device) if dropout_p else None
         graphs: list[tuple[Tensor, ...]] = []
         result = _attend_runs(q_rows, k_rows, v_rows, plan, sizes, scale, dropout_p, graphs)
+        ctx.save_for_backward(q_rows, k_rows, v_rows)
         ctx.graphs, ctx.plan, ctx.sizes = graphs, plan, sizes
-        ctx.shapes = (q_rows.shape, k_rows.shape)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
         return result
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        plan: _Plan = ctx.plan
-        qbs, kvbs = ctx.sizes
-        q_shape, k_shape = ctx.shapes
-        gq = grad.new_zeros(q_shape)
-        gk, gv = grad.new_zeros(k_shape), grad.new_zeros(k_shape)
-        q_blocks = gq.view(q_shape[0], q_shape[1], -1, qbs, q_shape[3])
-        grad_rows = grad if plan.order is None else grad.index_select(0, plan.order)
-        start = 0
-        for run, (out, qg, kg, vg) in zip(plan.runs, ctx.graphs, strict=True):
-            n = len(run.qb)
-            g = grad_rows[start : start + n]  # [n, hs, qbs, D]
-            start += n
-            if run.merged:
-                g = g.transpose(0, 1).reshape(1, g.shape[1], n * qbs, g.shape[3])
-            dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), g)
-            if run.merged:
-                dq = dq.view(-1, n, qbs, dq.shape[-1]).transpose(0, 1)
-            q_blocks[run.row][:, run.qb] = dq.reshape(n, -1, qbs, dq.shape[-1]).transpose(0, 1)
-            blocks = (run.blocks[:1] if run.merged else run.blocks).flatten()
-            for buffer, d in ((gk, dk), (gv, dv)):
-                hs, dim = d.shape[1], d.shape[-1]
-                # [m, hs, c*kvbs, D] -> [hs, m*c, kvbs, D]: one slice per key block, added in
-                # place (a block read by several rows gets all their gradients).
-                per_block = d.view(d.shape[0], hs, -1, kvbs, dim).transpose(0, 1)
-                buffer[run.row].view(hs, -1, kvbs, dim).index_add_(
-                    1, blocks, per_block.reshape(hs, -1, kvbs, dim)
-                )
-        ctx.graphs = None
-        return gq, gk, gv, None, None, None, None
+        q_rows, k_rows, v_rows = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable
+            return (*_differentiable_backward(ctx, q_rows, k_rows, v_rows, grad), None, None,
+                    None, None)  # fmt: skip
+        graphs, ctx.graphs = ctx.graphs, None
+        if graphs is None:  # a second backward (retain_graph): recompute the runs
+            graphs = []
+            inputs = [t.detach() for t in (q_rows, k_rows, v_rows)]
+            with torch.random.fork_rng(devices=_rng_devices(q_rows.device)):
+                if ctx.rng is not None:
+                    _set_rng_state(q_rows.device, ctx.rng)
+                _attend_runs(*inputs, ctx.plan, ctx.sizes, ctx.scale, ctx.dropout_p, graphs)
+        return _accumulate(ctx.plan, ctx.sizes, graphs, grad, q_rows.shape, k_rows.shape)
+
+
+def _differentiable_backward(
+    ctx: Any, q_rows: Tensor, k_rows: Tensor, v_rows: Tensor, grad: Tensor
+) -> tuple[Tensor | None, ...]:
+    """The gradients as a function of the inputs' own history (double backward)."""
+    if ctx.dropout_p:
+        raise ValueError(
+            "sparse_attention: a differentiable backward (create_graph=True, e.g. a gradient "
+            "penalty) cannot replay the forward pass's dropout; use dropout_p=0 for that step."
+        )
+    ctx.graphs = None
+    inputs = (q_rows, k_rows, v_rows)
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True) if need]
+    out = _attend_runs(*inputs, ctx.plan, ctx.sizes, ctx.scale, 0.0, explicit=True)
+    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
+
+
+def _rng_devices(device: torch.device) -> list[torch.device]:
+    return [] if device.type == "cpu" else [device]
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
+
+
+def _set_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device.type).set_rng_state(state, device)
+
+
+def _accumulate(
+    plan: _Plan,
+    sizes: tuple[int, int],
+    graphs: list[tuple[Tensor, ...]],
+    grad: Tensor,
+    q_shape: torch.Size,
+    k_shape: torch.Size,
+) -> tuple[Tensor | None, ...]:
+    """Each run's gradients, added into one buffer per input."""
+    qbs, kvbs = sizes
+    gq = grad.new_zeros(q_shape)
+    gk, gv = grad.new_zeros(k_shape), grad.new_zeros(k_shape)
+    q_blocks = gq.view(q_shape[0], q_shape[1], -1, qbs, q_shape[3])
+    grad_rows = grad if plan.order is None else grad.index_select(0, plan.order)
+    start = 0
+    for run, (out, qg, kg, vg) in zip(plan.runs, graphs, strict=True):
+        n = len(run.qb)
+        g = grad_rows[start : start + n]  # [n, hs, qbs, D]
+        start += n
+        if run.merged:
+            g = g.transpose(0, 1).reshape(1, g.shape[1], n * qbs, g.shape[3])
+        dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), g)
+        if run.merged:
+            dq = dq.view(-1, n, qbs, dq.shape[-1]).transpose(0, 1)
+        q_blocks[run.row][:, run.qb] = dq.reshape(n, -1, qbs, dq.shape[-1]).transpose(0, 1)
+        blocks = (run.blocks[:1] if run.merged else run.blocks).flatten()
+        for buffer, d in ((gk, dk), (gv, dv)):
+            hs, dim = d.shape[1], d.shape[-1]
+            # [m, hs, c*kvbs, D] -> [hs, m*c, kvbs, D]: one slice per key block, added in
+            # place (a block read by several rows gets all their gradients).
+            per_block = d.view(d.shape[0], hs, -1, kvbs, dim).transpose(0, 1)
+            buffer[run.row].view(hs, -1, kvbs, dim).index_add_(
+                1, blocks, per_block.reshape(hs, -1, kvbs, dim)
+            )
+    return gq, gk, gv, None, None, None, None
 
 
 @dataclass
@@ -211,8 +313,9 @@ class _Run:
         if self.allowed is None:
             return None
         if dtype not in self.additive:
-            zero = torch.zeros((), dtype=dtype, device=self.allowed.device)
-            self.additive[dtype] = zero.masked_fill(~self.allowed, float("-inf"))
+            with torch.inference_mode(False):  # kept with the plan: may serve training later
+                zero = torch.zeros((), dtype=dtype, device=self.allowed.device)
+                self.additive[dtype] = zero.masked_fill(~self.allowed, float("-inf"))
         return self.additive[dtype]
 
 
@@ -236,11 +339,22 @@ _PLANS = _LRU(16)
 
 
 def _plan(bm: BlockMask) -> _Plan:
-    """The runs a BlockMask is computed in, with their element masks; cached per BlockMask, so
-    every layer and training step that reuses a BlockMask evaluates its mask_mod once."""
-    hit = _PLANS.get_recent((id(bm),))
+    """The runs a BlockMask is computed in, with their element masks; cached per BlockMask (while
+    its mask's key stands), so every layer and training step that reuses a BlockMask evaluates
+    its mask_mod once. Built outside inference mode: a plan made during evaluation serves
+    training later."""
+    key = block_mask_key(bm)
+    hit = None if key is None else _PLANS.get_recent(key)
     if isinstance(hit, tuple) and hit[0] is bm:
         return hit[1]
+    with torch.inference_mode(False), torch.no_grad():
+        plan = _make_plan(bm)
+    if key is not None:
+        _PLANS.put(key, (bm, plan))
+    return plan
+
+
+def _make_plan(bm: BlockMask) -> _Plan:
     kinds = block_kinds(bm)  # [Bm, Hm, QB, KVB]: 0 empty, 1 partial, 2 full
     mb, mh, nqb, nkvb = kinds.shape
     flat = kinds.flatten(0, 1)
@@ -275,9 +389,7 @@ def _plan(bm: BlockMask) -> _Plan:
     total = max(1, sum(sizes))
     gathered = sum(n for n, run in zip(sizes, runs, strict=True) if run.kv_view is None) / total
     density = float(visited.float().mean()) if visited.numel() else 0.0
-    plan = _Plan((mb, mh, nqb, nkvb), runs, order, density, gathered)
-    _PLANS.put((id(bm),), (bm, plan))
-    return plan
+    return _Plan((mb, mh, nqb, nkvb), runs, order, density, gathered)
 
 
 def _view(blocks: Tensor) -> tuple[int, int] | None:

@@ -44,6 +44,13 @@ def padding(q_len: int, kv_len: int, lengths: list[int], side: str = "right") ->
     return torch.stack(out)
 
 
+def key_padding(q_len: int, kv_len: int, real: list[list[int]]) -> Tensor:
+    """Only keys are masked: every query sees the real keys (a 2-D mask as Transformers reads
+    it, cross-attention)."""
+    keys = torch.tensor(real).bool()  # [B, kv_len]
+    return keys[:, None, :].expand(len(real), q_len, kv_len).clone()
+
+
 def document(q_len: int, kv_len: int, doc_ids: list[int] | list[list[int]]) -> Tensor:
     rows = doc_ids if isinstance(doc_ids[0], list) else [doc_ids]
     out = []

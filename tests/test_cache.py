@@ -231,7 +231,7 @@ def full_cache():
         ),
         (
             lambda: ATTN(X, cache=fm.KVCache(2, 8, KV_HEADS, 8), lengths=torch.tensor([1.0, 2.0])),
-            ValueError,
+            TypeError,
             r"must be an integer tensor of shape \[2\]",
         ),
         (

@@ -107,25 +107,41 @@ PICTURES = {  # name: (mask, q_len, kv_len, oracle)
     "chunked": (fm.chunked(2), 5, 5, ref.chunked(5, 5, 2)),
     "tree": (fm.tree([-1, 0, 0, 1], context_len=1), 5, 5, ref.tree(5, 5, [-1, 0, 0, 1], 1)),
     "shifted": (fm.shifted(fm.causal(), 2), 2, 4, ref.causal(4, 4)[:, 2:]),
-    "from_hf_attention_mask": (
-        fm.from_hf_attention_mask(torch.tensor([[1, 0, 1, 1]])),
-        4,
-        4,
-        ref.padding(4, 4, [4])
-        & torch.tensor([1, 0, 1, 1]).bool()[:, None]
-        & torch.tensor([1, 0, 1, 1]).bool()[None, :],
-    ),
+    "from_hf_attention_mask": [
+        (
+            fm.from_hf_attention_mask(torch.tensor([[1, 0, 1, 1]])),
+            4,
+            4,
+            ref.padding(4, 4, [4])
+            & torch.tensor([1, 0, 1, 1]).bool()[:, None]
+            & torch.tensor([1, 0, 1, 1]).bool()[None, :],
+        ),
+        (
+            fm.from_hf_attention_mask(torch.tensor([[1, 0, 1, 1]]), keys_only=True),
+            2,
+            4,
+            ref.key_padding(2, 4, [[1, 0, 1, 1]]),
+        ),
+    ],
 }
 
 
 @pytest.mark.parametrize("name", sorted(PICTURES))
 def test_docstring_picture(name):
-    mask, q, kv, oracle = PICTURES[name]
-    drawn = fm.to_ascii(mask, q, kv)
-    assert drawn == ref.render(oracle[0])
+    cases = PICTURES[name] if isinstance(PICTURES[name], list) else [PICTURES[name]]
+    drawn = []
+    for mask, q, kv, oracle in cases:
+        drawn.append(fm.to_ascii(mask, q, kv))
+        assert drawn[-1] == ref.render(oracle[0])
     doc = getattr(fm, name).__doc__
-    rows = [line.strip() for line in doc.splitlines() if re.fullmatch(r"\s*[■⬚][■⬚ ]*", line)]
-    assert "\n".join(rows) == drawn
+    pictures, rows = [], []
+    for line in [*doc.splitlines(), ""]:  # pictures are runs of ■/⬚ lines
+        if re.fullmatch(r"\s*[■⬚][■⬚ ]*", line):
+            rows.append(line.strip())
+        elif rows:
+            pictures.append("\n".join(rows))
+            rows = []
+    assert pictures == drawn
 
 
 # -- algebra --------------------------------------------------------------------------------
@@ -233,7 +249,7 @@ def test_repr_round_trips_for_scalar_masks(mask):
     rebuilt = eval(repr(mask), vars(fm))  # the repr is a flexmask expression
     assert rebuilt == mask
     assert hash(rebuilt) == hash(mask)
-    assert rebuilt.cacheable
+    assert rebuilt.cache_key() == (rebuilt,) == mask.cache_key()  # keyed by value
     assert re.fullmatch(r"[A-Za-z0-9._]+", mask.slug)
 
 
@@ -247,7 +263,7 @@ def test_repr_parenthesises_only_where_needed():
     assert repr(~sw & c) == "~sliding_window(256) & causal()"
     assert repr((c & sw) & p) == "causal() & sliding_window(256) & prefix_lm(64)"
     assert repr(c | (sw | p)) == "causal() | sliding_window(256) | prefix_lm(64)"
-    assert repr(~~c) == "~~causal()"
+    assert ~~c is c and repr(~(~sw & c)) == "~(~sliding_window(256) & causal())"
 
 
 def test_repr_of_tensor_masks():
@@ -269,7 +285,11 @@ def test_equality_and_hashing():
     assert pad != fm.padding([3])  # tensors: identity
     assert pad == pad and hash(pad) == hash(pad)
     assert fm.causal() & pad == fm.causal() & pad  # same parts, same expression
-    assert not (fm.causal() & pad).cacheable
+    key = (fm.causal() & pad).cache_key()
+    assert key == (fm.causal() & pad).cache_key()  # the same tensors, unchanged
+    pad.lengths[0] = 2  # refilled in place: another key
+    assert (fm.causal() & pad).cache_key() != key
+    assert (fm.causal() & (lambda b, h, q, kv: q >= kv)).cache_key() is None  # opaque
 
 
 def test_plain_functions_and_attention_gym_style_operands():
