@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install figures figures-check test test-slow test-all lint format typecheck nb demo bench bench-quick bench-viz bench-hf bench-decode bench-blocks check clean
+.PHONY: install figures figures-check test test-slow test-all test-legacy-hf lint format typecheck nb demo bench bench-quick bench-viz bench-hf bench-decode bench-blocks check clean
 
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels on a CPU machine.
 $(STAMP): pyproject.toml
@@ -30,6 +30,13 @@ test-slow: $(STAMP)  ## only the compiled (slow) tests
 
 test-all: $(STAMP)  ## everything but the GPU tests
 	$(PY) -m pytest -m "not gpu"
+
+# transformers 4.57 is the last release with the legacy AttentionMaskConverter; tests/reference.py
+# holds an oracle of its behaviour that the main suite uses, checked here against the real class.
+LEGACY_HF := .venv-legacy-hf
+test-legacy-hf: $(STAMP)  ## the legacy-converter oracle against transformers 4.57's own class
+	test -d $(LEGACY_HF) || $(PY) -m pip install --quiet --target $(LEGACY_HF) "transformers==4.57.*"
+	PYTHONPATH=$(LEGACY_HF) $(PY) -m pytest -p no:cacheprovider -o addopts="" -q -k oracle_equals tests/test_tree.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check flexmask tests benchmarks figures
@@ -78,4 +85,4 @@ bench-hf: $(STAMP)  ## max logit differences: trees, padding, flexmask vs sdpa o
 check: lint typecheck test-all nb figures-check
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(LEGACY_HF) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -19,14 +19,14 @@ MAX_INDEX = 2**62
 int64 arithmetic of masks (``q_idx - kv_idx < window``)."""
 
 
-def check_int(value: object, name: str, minimum: int = 1) -> int:
-    """An int in ``[minimum, MAX_INDEX]``; ``name`` is the argument as the user wrote it."""
+def check_int(value: object, name: str, minimum: int = 1, expected: str | None = None) -> int:
+    """An int in ``[minimum, MAX_INDEX]``: TypeError for another type, ValueError for another
+    value. ``name`` is the argument as the user wrote it, ``expected`` what it must be."""
+    expected = expected or f"an int >= {minimum}"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}.")
-    if value > MAX_INDEX:
-        raise ValueError(f"{name} must be at most 2**62, got {value}.")
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}.")
+    if not minimum <= value <= MAX_INDEX:
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")
     return value
 
 

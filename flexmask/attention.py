@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ._checks import check_block_size
+from ._checks import check_block_size, check_int
 from .block import (
     RECOMPILE_LIMIT,
     Coverage,
@@ -118,12 +118,7 @@ class MultiheadFlexAttention(nn.Module):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads),
                             ("num_kv_heads", num_kv_heads)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"MultiheadFlexAttention({name}=...) must be a positive int, "
-                                f"got {type(value).__name__} {value!r}.")  # fmt: skip
-            if value < 1:
-                raise ValueError(f"MultiheadFlexAttention({name}=...) must be a positive int, "
-                                 f"got {value!r}.")  # fmt: skip
+            check_int(value, f"MultiheadFlexAttention({name}=...)", expected="a positive int")
         if embed_dim % num_heads:
             raise ValueError(
                 f"MultiheadFlexAttention(embed_dim={embed_dim}, num_heads={num_heads}): embed_dim "

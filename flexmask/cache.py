@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import MAX_INDEX, as_device, check_memory
+from ._checks import as_device, check_int, check_memory
 from .masks import MaskMod, MaskModFn, _Padding, as_mask, check_depth
 
 __all__ = ["KVCache"]
@@ -53,13 +53,7 @@ class KVCache:
     ) -> None:
         for name, value in (("batch", batch), ("max_len", max_len),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(
-                    f"KVCache({name}=...) must be a positive int, got {type(value).__name__} "
-                    f"{value!r}."
-                )
-            if not 1 <= value <= MAX_INDEX:
-                raise ValueError(f"KVCache({name}=...) must be a positive int, got {value!r}.")
+            check_int(value, f"KVCache({name}=...)", expected="a positive int")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"KVCache(dtype=...) must be a floating dtype, got {dtype!r}.")
         dev = torch.device("cpu") if device is None else as_device(device, "KVCache(device=...)")
@@ -224,9 +218,7 @@ class KVCache:
 
 
 def _count(q_len: object) -> int:
-    if isinstance(q_len, bool) or not isinstance(q_len, int) or q_len < 1:
-        raise ValueError(f"KVCache.step_mask(q_len=...) must be a positive int, got {q_len!r}.")
-    return q_len
+    return check_int(q_len, "KVCache.step_mask(q_len=...)", expected="a positive int")
 
 
 class _CacheStep(MaskMod):

@@ -1,7 +1,8 @@
 """The ``flexmask`` command: ``render``, ``describe`` and ``list`` masks written as expressions.
 
-Exit status 0 on success, 2 for bad arguments or a bad expression (a message on stderr, no
-traceback).
+Exit status 0 on success, 2 for bad arguments, a bad expression, work too large for the memory or
+an output path that cannot be written: a one-line message on stderr (after the subcommand's usage
+for argument errors), never a traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import inspect
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from .block import check, describe
 from .expr import FACTORIES, parse_mask
 from .viz import save_mask_png
@@ -19,17 +21,30 @@ EAGER_LIMIT = 2**24  # (q, kv) pairs up to which describe builds its BlockMask e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)  # exits with status 2 on bad arguments
+    parser, commands = _parser()
+    args, extra = parser.parse_known_args(argv)  # exits with status 2 on bad arguments
+    if extra:  # the subcommand's own usage, not the top level's
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
-    except (ValueError, TypeError) as err:
-        print(f"flexmask {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, RecursionError, MemoryError) as err:
+        print(f"flexmask {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"cannot write {err.filename}: {err.strerror or err}"
+    if isinstance(err, RecursionError):
+        return "the expression is nested too deeply"
+    if isinstance(err, MemoryError):
+        return "out of memory; use shorter lengths"
+    text = getattr(err, "summary", None) or str(err)
+    return " ".join(text.split())
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="flexmask",
         description="Draw and describe attention masks written as flexmask expressions.",
@@ -37,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         '"(sliding_window(256) | prefix_lm(64)) & padding(lengths=[900, 4096])"; '
         "`flexmask list` shows the factories.",
     )
+    parser.add_argument("--version", action="version", version=f"flexmask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     render = sub.add_parser("render", help="write a PNG of a mask with its BlockMask blocks")
@@ -54,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="print every factory with its meaning")
     listing.set_defaults(run=_list)
-    return parser
+    return parser, {"render": render, "describe": desc, "list": listing}
 
 
 def _problem_args(p: argparse.ArgumentParser) -> None:

@@ -29,7 +29,7 @@ from .masks import (
     tree,
 )
 
-__all__ = ["FACTORIES", "parse_mask"]
+__all__ = ["FACTORIES", "ExpressionError", "parse_mask"]
 
 FACTORIES: dict[str, Callable[..., MaskMod]] = {
     f.__name__: f
@@ -39,6 +39,7 @@ FACTORIES: dict[str, Callable[..., MaskMod]] = {
     )
 }  # fmt: skip
 CHOICES = {("padding", "side"): ("right", "left")}  # the only places a string may appear
+FLAGS = {("from_hf_attention_mask", "keys_only")}  # the only places True/False may appear
 MAX_CHARS = 100_000
 
 _REFUSED = {  # what to call a node we refuse, for the error message
@@ -62,6 +63,23 @@ _REFUSED = {  # what to call a node we refuse, for the error message
 }
 
 
+class ExpressionError(ValueError):
+    """A refused mask expression. ``str()`` shows the text with ``^^^`` under the offending part;
+    ``summary`` says the same on one line (for the command line)."""
+
+    def __init__(self, message: str, line: str = "", start: int = 0, end: int | None = None):
+        """``start``/``end``: 1-based character columns of the offending part (0: none)."""
+        self.summary = message
+        if not start:
+            super().__init__(message)
+            return
+        width = max(1, (end or start + 1) - start)
+        part = line[start - 1 : start - 1 + width]
+        part = part if len(part) <= 40 else part[:37] + "..."
+        self.summary = f"{message} (at column {start}: {part!r})"
+        super().__init__(f"{message}:\n  {line}\n  {' ' * (start - 1)}{'^' * width}")
+
+
 def parse_mask(text: str) -> MaskMod:
     """Build the mask an expression describes, without evaluating anything.
 
@@ -72,37 +90,41 @@ def parse_mask(text: str) -> MaskMod:
 
     Raises:
         TypeError: if ``text`` is not a string.
-        ValueError: for anything but a mask expression, pointing at the offending part.
+        ExpressionError: (a ValueError) for anything but a mask expression, pointing at the
+            offending part.
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_mask(text=...) needs a str, got {type(text).__name__}.")
     if len(text) > MAX_CHARS:
-        raise ValueError(f"mask expression is {len(text)} characters long, at most {MAX_CHARS}.")
+        raise ExpressionError(
+            f"mask expression is {len(text)} characters long, at most {MAX_CHARS}"
+        )
     try:
         body = ast.parse(text.strip(), mode="eval").body
     except SyntaxError as err:
         line = (err.text or text).rstrip("\n")
-        where = _pointer(line, err.offset or 1, err.end_offset, chars=True)
-        raise ValueError(f"not a mask expression ({err.msg}):\n{where}") from None
+        raise ExpressionError(
+            f"not a mask expression ({err.msg})", line, err.offset or 1, err.end_offset
+        ) from None
     except (ValueError, RecursionError, MemoryError) as err:  # null bytes, absurd nesting
-        raise ValueError(f"not a mask expression ({type(err).__name__}: {err}).") from None
+        raise ExpressionError(f"not a mask expression ({type(err).__name__}: {err})") from None
     try:
         return _Walker(text.strip()).mask(body)
     except RecursionError:
-        raise ValueError("mask expression is nested too deeply.") from None
+        raise ExpressionError("mask expression is nested too deeply") from None
 
 
 class _Walker:
     def __init__(self, text: str) -> None:
         self.lines = text.splitlines()
 
-    def error(self, node: ast.AST, message: str) -> ValueError:
+    def error(self, node: ast.AST, message: str) -> ExpressionError:
         line = self.lines[node.lineno - 1]  # type: ignore[attr-defined]
         end = node.end_col_offset if node.end_lineno == node.lineno else None  # type: ignore[attr-defined]
-        where = _pointer(line, node.col_offset + 1, end and end + 1)  # type: ignore[attr-defined]
-        return ValueError(f"{message}:\n{where}")
+        start, stop = _columns(line, node.col_offset + 1, end and end + 1)  # type: ignore[attr-defined]
+        return ExpressionError(message, line, start, stop)
 
-    def refuse(self, node: ast.AST, expected: str) -> ValueError:
+    def refuse(self, node: ast.AST, expected: str) -> ExpressionError:
         if isinstance(node, ast.Name):
             if node.id.startswith("__"):
                 return self.error(node, f"dunder names such as {node.id!r} are not allowed")
@@ -117,11 +139,16 @@ class _Walker:
 
     # -- masks --------------------------------------------------------------------------------
     def mask(self, node: ast.expr) -> MaskMod:
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)):
-            left, right = self.mask(node.left), self.mask(node.right)
-            return left & right if isinstance(node.op, ast.BitAnd) else left | right
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Invert):
-            return ~self.mask(node.operand)
+        try:
+            if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)):
+                left, right = self.mask(node.left), self.mask(node.right)
+                return left & right if isinstance(node.op, ast.BitAnd) else left | right
+            if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Invert):
+                return ~self.mask(node.operand)
+        except ExpressionError:
+            raise
+        except ValueError as err:  # the algebra refused (an expression nested too deeply)
+            raise self.error(node, str(err).rstrip(".")) from None
         if isinstance(node, ast.Call):
             return self.call(node)
         if isinstance(node, (ast.BinOp, ast.UnaryOp)):
@@ -157,6 +184,8 @@ class _Walker:
         if isinstance(node, ast.Constant):
             v = node.value
             if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return v
+            if isinstance(v, bool) and (factory, keyword) in FLAGS:
                 return v
             choices = CHOICES.get((factory, keyword or ""))
             if isinstance(v, str) and choices:
@@ -200,11 +229,9 @@ class _Walker:
         raise self.refuse(node, "arguments are numbers, lists of numbers or tensor([...])")
 
 
-def _pointer(line: str, start: int, end: int | None, chars: bool = False) -> str:
-    """The line with ``^^^`` under columns ``[start, end)`` (1-based; ast gives UTF-8 bytes)."""
-    if not chars:  # byte offsets to character offsets
-        raw = line.encode()
-        start = len(raw[: start - 1].decode(errors="ignore")) + 1
-        end = None if end is None else len(raw[: end - 1].decode(errors="ignore")) + 1
-    width = max(1, (end or start + 1) - start)
-    return f"  {line}\n  {' ' * (start - 1)}{'^' * width}"
+def _columns(line: str, start: int, end: int | None) -> tuple[int, int | None]:
+    """1-based UTF-8 byte columns (what ast gives) as character columns."""
+    raw = line.encode()
+    start = len(raw[: start - 1].decode(errors="ignore")) + 1
+    end = None if end is None else len(raw[: end - 1].decode(errors="ignore")) + 1
+    return start, end

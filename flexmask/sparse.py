@@ -215,11 +215,11 @@ class _SparseRuns(torch.autograd.Function):
         graphs, ctx.graphs = ctx.graphs, None
         if graphs is None:  # a second backward (retain_graph): recompute the runs
             graphs = []
-            inputs = [t.detach() for t in (q_rows, k_rows, v_rows)]
+            q, k, v = (t.detach() for t in (q_rows, k_rows, v_rows))
             with torch.random.fork_rng(devices=_rng_devices(q_rows.device)):
                 if ctx.rng is not None:
                     _set_rng_state(q_rows.device, ctx.rng)
-                _attend_runs(*inputs, ctx.plan, ctx.sizes, ctx.scale, ctx.dropout_p, graphs)
+                _attend_runs(q, k, v, ctx.plan, ctx.sizes, ctx.scale, ctx.dropout_p, graphs)
         return _accumulate(ctx.plan, ctx.sizes, graphs, grad, q_rows.shape, k_rows.shape)
 
 
@@ -504,8 +504,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"sparse_attention({name}=...) must be a 4-D tensor [B, H, S, D], "
-                             f"got {got}.")  # fmt: skip
+            error = ValueError if isinstance(t, Tensor) else TypeError
+            raise error(
+                f"sparse_attention({name}=...) must be a 4-D tensor [B, H, S, D], got {got}."
+            )
     if k.shape != v.shape:
         raise ValueError(f"sparse_attention: k and v must have the same shape, got "
                          f"{tuple(k.shape)} and {tuple(v.shape)}.")  # fmt: skip

@@ -55,25 +55,32 @@ class Tree:
             raise ValueError(f"{call} needs at least one path, got none.")
         trie: dict[int, dict] = {}
         for i, path in enumerate(paths):
-            if isinstance(path, (str, bytes)) or not isinstance(path, Sequence) or not path:
-                raise ValueError(
-                    f"{call}: path {i} must be a non-empty list of ints, got {path!r}."
+            if isinstance(path, (str, bytes)) or not isinstance(path, Sequence):
+                raise TypeError(
+                    f"{call}: path {i} must be a non-empty list of ints, got "
+                    f"{type(path).__name__} {path!r}."
                 )
+            if not path:
+                raise ValueError(f"{call}: path {i} must be a non-empty list of ints, got [].")
             node = trie
             for tok in path:
-                if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                if isinstance(tok, bool) or not isinstance(tok, int):
                     raise TypeError(f"{call}: path {i} holds {tok!r}; tokens are ints >= 0.")
+                if not 0 <= tok < 2**63:
+                    raise ValueError(f"{call}: path {i} holds {tok!r}; tokens are ints >= 0.")
                 node = node.setdefault(tok, {})
+        # Depth-first in path order, with an explicit stack: a path may be thousands deep.
         tokens: list[int] = []
         parents: list[int] = []
-
-        def visit(children: dict[int, dict], parent: int) -> None:  # depth-first, in path order
-            for tok, grandchildren in children.items():
-                tokens.append(tok)
-                parents.append(parent)
-                visit(grandchildren, len(tokens) - 1)
-
-        visit(trie, -1)
+        stack: list[tuple[int, int, dict[int, dict]]] = [
+            (-1, tok, children) for tok, children in reversed(trie.items())
+        ]
+        while stack:
+            parent, tok, children = stack.pop()
+            tokens.append(tok)
+            parents.append(parent)
+            here = len(tokens) - 1
+            stack.extend((here, t, c) for t, c in reversed(children.items()))
         return cls(torch.tensor(tokens), torch.tensor(parents))
 
     @classmethod
@@ -121,8 +128,10 @@ class Tree:
 
     def ancestors(self, i: int) -> list[int]:
         """Node ``i``'s path from its root: ``[root, ..., parent, i]``."""
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_nodes:
-            last = self.num_nodes - 1
+        last = self.num_nodes - 1
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"Tree.ancestors(i=...) needs a node in 0..{last}, got {i!r}.")
+        if not 0 <= i <= last:
             raise ValueError(f"Tree.ancestors(i=...) needs a node in 0..{last}, got {i!r}.")
         path = [i]
         while (p := int(self.parents[path[-1]])) >= 0:

@@ -1,4 +1,5 @@
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -31,3 +32,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# -- Skips that must not go unnoticed -------------------------------------------------------------
+# With FLEXMASK_MAX_SKIPS set (.ci/run sets it and says why), the run fails when a whole test
+# module is skipped (a module-level importorskip, or every test in it skipped) or when more tests
+# skip than that number.
+
+_skipped: Counter[str] = Counter()
+_ran: Counter[str] = Counter()
+_skipped_modules: list[str] = []
+
+
+def pytest_collectreport(report):
+    if report.skipped:
+        _skipped_modules.append(report.nodeid)
+
+
+def pytest_runtest_logreport(report):
+    module = report.nodeid.split("::")[0]
+    if report.skipped:
+        _skipped[module] += 1
+    elif report.when == "call":
+        _ran[module] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    limit = os.environ.get("FLEXMASK_MAX_SKIPS")
+    if limit is None:
+        return
+    problems = [f"{m}: the whole module was skipped" for m in _skipped_modules]
+    problems += [f"{m}: all {n} tests skipped" for m, n in _skipped.items() if not _ran[m]]
+    total = sum(_skipped.values())
+    if total > int(limit):
+        problems.append(f"{total} tests skipped, more than FLEXMASK_MAX_SKIPS={limit}")
+    if problems:
+        writer = session.config.pluginmanager.get_plugin("terminalreporter")
+        for problem in problems:
+            writer.write_line(f"skip check failed: {problem}", red=True)
+        session.exitstatus = 1

@@ -119,3 +119,62 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dense: Tensor | None, scores_fn=N
     weights = torch.softmax(scores.masked_fill(~dense, float("-inf")), dim=-1)
     weights = torch.nan_to_num(weights, nan=0.0)  # a row that sees nothing: 0/0
     return weights @ v
+
+
+# -- Transformers' legacy AttentionMaskConverter, from its documented behaviour -------------------
+# (transformers.modeling_attn_mask_utils, removed in transformers 5.24): additive float masks,
+# 0 = attend, finfo(dtype).min = masked, shape [B, 1, q_len, kv_len]. The queries are the last
+# q_len of the kv_len positions (past keys come first).
+
+
+def legacy_causal_4d(
+    batch: int, q_len: int, kv_len: int, sliding_window: int | None = None, dtype=torch.float32
+) -> Tensor:
+    """``to_causal_4d``: query ``i`` (absolute ``past + i``) sees keys up to itself; with the
+    legacy ``sliding_window=w`` it also sees at most ``w`` keys before itself (``w + 1`` in all)."""
+    past = kv_len - q_len
+    q = torch.arange(q_len)[:, None] + past
+    kv = torch.arange(kv_len)[None, :]
+    keep = kv <= q
+    if sliding_window is not None:
+        keep &= q - kv <= sliding_window
+    return _additive(keep, dtype).expand(batch, 1, q_len, kv_len)
+
+
+def legacy_to_4d(
+    mask_2d: Tensor,
+    q_len: int,
+    kv_len: int,
+    is_causal: bool = True,
+    sliding_window: int | None = None,
+    dtype=torch.float32,
+) -> Tensor:
+    """``to_4d``: the 2-D padding mask masks keys only (every query row, pads included, sees the
+    real keys); causal (and windowed) on top when ``is_causal`` and there is more than one query
+    or a window."""
+    keys = mask_2d.bool()[:, None, None, :].expand(-1, 1, q_len, kv_len)
+    keep = keys
+    if is_causal and (q_len > 1 or sliding_window is not None):
+        keep = keep & (legacy_causal_4d(1, q_len, kv_len, sliding_window, dtype) == 0)
+    return _additive(keep, dtype)
+
+
+def legacy_unmask_unattended(expanded: Tensor, min_value: float) -> Tensor:
+    """``_unmask_unattended``: a query row masked everywhere is made to attend everywhere (an old
+    SDPA workaround); other rows are left as they are."""
+    dead = (expanded == min_value).all(-1, keepdim=True)
+    return expanded.masked_fill(dead, 0.0)
+
+
+def legacy_prepare_4d_causal(mask_2d: Tensor | None, batch: int, q_len: int, past: int,
+                             dtype=torch.float32) -> Tensor:  # fmt: skip
+    """``_prepare_4d_causal_attention_mask``: ``to_4d`` of the 2-D mask over ``past + q_len``
+    keys, or ``to_causal_4d`` without one."""
+    if mask_2d is None:
+        return legacy_causal_4d(batch, q_len, past + q_len, dtype=dtype)
+    return legacy_to_4d(mask_2d, q_len, past + q_len, dtype=dtype)
+
+
+def _additive(keep: Tensor, dtype) -> Tensor:
+    out = torch.zeros(keep.shape, dtype=dtype)
+    return out.masked_fill(~keep, torch.finfo(dtype).min)

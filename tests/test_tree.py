@@ -1,6 +1,8 @@
 """Trees of candidates, shifted masks, and the Transformers mask conversions (against the legacy
 AttentionMaskConverter, where the installed transformers still ships it)."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -59,7 +61,7 @@ def test_from_parents_keeps_duplicates():
         ),
         (
             lambda: fm.Tree.from_paths([[1, -2]]),
-            TypeError,
+            ValueError,
             r"path 0 holds -2; tokens are ints >= 0",
         ),
         (lambda: fm.Tree.from_paths("abc"), TypeError, r"needs a list of token lists, got str"),
@@ -124,17 +126,24 @@ def test_shifted_repr_equality_and_errors():
         fm.shifted(fm.causal(), 1.5)
 
 
-# -- Transformers 2-D / 4-D masks -----------------------------------------------------------------
+# -- Transformers 2-D / 4-D masks ---------------------------------------------------------------
+# flexmask against tests/reference.py's oracle of the legacy AttentionMaskConverter's documented
+# behaviour (always), and that oracle against the real class where the installed transformers
+# still ships it (removed in 5.24): each test skips on its own, never the whole module.
 
-mask_utils = pytest.importorskip(
-    "transformers.modeling_attn_mask_utils", reason="needs transformers"
-)
+try:
+    from transformers import modeling_attn_mask_utils as mask_utils
+except ImportError:
+    mask_utils = None
 Converter = getattr(mask_utils, "AttentionMaskConverter", None)
-legacy = pytest.mark.skipif(
-    Converter is None, reason="this transformers no longer ships AttentionMaskConverter"
+needs_converter = pytest.mark.skipif(
+    Converter is None,
+    reason="transformers.modeling_attn_mask_utils.AttentionMaskConverter is not installed "
+    "(removed in transformers 5.24); the oracle tests above still run",
 )
 MIN = torch.finfo(torch.float32).min
 LEFT = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+PAD_2D = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
 
 
 def test_from_hf_attention_mask_any_pattern():
@@ -143,74 +152,104 @@ def test_from_hf_attention_mask_any_pattern():
     want = real[:, :, None] & real[:, None, :]
     assert torch.equal(fm.to_dense(fm.from_hf_attention_mask(am), 5)[:, 0], want)
     assert torch.equal(fm.to_hf_4d(fm.from_hf_attention_mask(am), 5, boolean=True)[:, 0], want)
+    keys = fm.from_hf_attention_mask(am, keys_only=True)
+    assert torch.equal(fm.to_dense(keys, 3, 5)[:, 0], ref.key_padding(3, 5, am.tolist()))
 
 
-@legacy
 @pytest.mark.parametrize("past", [0, 3])
 def test_causal_4d_with_and_without_past_keys(past):
-    want = Converter(is_causal=True).to_causal_4d(2, 4, 4 + past, dtype=torch.float32)
-    got = fm.to_hf_4d(fm.causal(), 4, 4 + past, batch=2, q_offset=past)
-    assert torch.equal(got, want)
+    want = ref.legacy_causal_4d(2, 4, 4 + past)
+    assert torch.equal(fm.to_hf_4d(fm.causal(), 4, 4 + past, batch=2, q_offset=past), want)
 
 
-@legacy
 @pytest.mark.parametrize("q_len", [6, 2])  # prefill, and 2 new tokens after 4 cached
 def test_left_padding_2d_to_causal_4d(q_len):
-    want = Converter(is_causal=True).to_4d(LEFT, q_len, key_value_length=6, dtype=torch.float32)
-    mask = fm.causal() & fm.from_hf_attention_mask(LEFT)
-    got = fm.to_hf_4d(mask, q_len, 6, q_offset=6 - q_len)
-    # Legacy masks only pad keys; with left padding a pad query sees only pad keys, so both agree.
-    assert torch.equal(got, want)
+    want = ref.legacy_to_4d(LEFT, q_len, 6)
+    keys_only = fm.causal() & fm.from_hf_attention_mask(LEFT, keys_only=True)
+    assert torch.equal(fm.to_hf_4d(keys_only, q_len, 6, q_offset=6 - q_len), want)
+    # Legacy masks pad keys only; with left padding a pad query sees only pad keys, so masking
+    # pad queries as well gives the same mask.
+    both = fm.causal() & fm.from_hf_attention_mask(LEFT)
+    assert torch.equal(fm.to_hf_4d(both, q_len, 6, q_offset=6 - q_len), want)
 
 
-@legacy
-def test_bidirectional_with_padding_agrees_on_real_queries():
-    am = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    want = Converter(is_causal=False).to_4d(am, 5, key_value_length=5, dtype=torch.float32)
-    got = fm.to_hf_4d(fm.from_hf_attention_mask(am), 5)
-    real = am.bool()[:, None, :, None].expand_as(got)
+def test_bidirectional_with_padding():
+    want = ref.legacy_to_4d(PAD_2D, 5, 5, is_causal=False)
+    keys_only = fm.from_hf_attention_mask(PAD_2D, keys_only=True)
+    assert torch.equal(fm.to_hf_4d(keys_only, 5), want)
+    got = fm.to_hf_4d(fm.from_hf_attention_mask(PAD_2D), 5)  # pads hidden as queries too
+    real = PAD_2D.bool()[:, None, :, None].expand_as(got)
     assert torch.equal(got[real], want[real])
-    # Legacy pad queries still see the real keys; flexmask's see nothing (their output is zeros).
+    # Legacy pad queries still see the real keys; these see nothing (their output is zeros).
     assert bool((got[~real] == MIN).all()) and bool((want[~real] == 0).any())
 
 
-@legacy
 @pytest.mark.parametrize("past", [0, 5])
 def test_sliding_window_legacy_keeps_one_key_more(past):
     w = 3
-    want = Converter(is_causal=True, sliding_window=w).to_causal_4d(
-        1, 4, 4 + past, dtype=torch.float32
-    )
+    want = ref.legacy_causal_4d(1, 4, 4 + past, sliding_window=w)
     assert torch.equal(fm.to_hf_4d(fm.sliding_window(w + 1), 4, 4 + past, q_offset=past), want)
     assert not torch.equal(fm.to_hf_4d(fm.sliding_window(w), 4, 4 + past, q_offset=past), want)
 
 
-@legacy
 def test_prefix_tokens_are_seen_by_every_query():
     # p-tuning / prefix tuning: p virtual tokens in the cache, their keys visible to all queries.
     p, am = 3, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     full_am = torch.cat([torch.ones(2, p, dtype=am.dtype), am], dim=1)
-    embeds = torch.zeros(2, 4, 8)
-    want = mask_utils._prepare_4d_causal_attention_mask(
-        full_am, (2, 4), embeds, past_key_values_length=p
-    )
+    want = ref.legacy_prepare_4d_causal(full_am, 2, 4, past=p)
+    keys_only = fm.causal() & fm.from_hf_attention_mask(full_am, keys_only=True)
+    assert torch.equal(fm.to_hf_4d(keys_only, 4, p + 4, q_offset=p), want)
     got = fm.to_hf_4d(fm.causal() & fm.from_hf_attention_mask(full_am), 4, p + 4, q_offset=p)
     real = am.bool()[:, None, :, None].expand_as(got)
     assert torch.equal(got[real], want[real])
     assert bool((got[..., :p][real[..., :p]] == 0).all())  # every real query sees the prefix
 
 
-@legacy
 def test_fully_masked_rows_stay_masked():
     # _unmask_unattended let a row that sees nothing attend to everything (an SDPA workaround);
     # flexmask keeps it fully masked, and its attention returns zeros there, never NaN.
     expanded = fm.to_hf_4d(fm.causal() & fm.from_hf_attention_mask(LEFT), 6)
-    with pytest.warns(FutureWarning):
-        unmasked = Converter._unmask_unattended(expanded, MIN)
+    unmasked = ref.legacy_unmask_unattended(expanded, MIN)
     empty = (expanded == MIN).all(-1)
     assert bool(empty.any())
     assert bool((unmasked[empty] == 0).all()) and bool((expanded[empty] == MIN).all())
     assert torch.equal(unmasked[~empty], expanded[~empty])
+
+
+# The oracle against the real class, where it is installed.
+
+
+@needs_converter
+@pytest.mark.parametrize(("q_len", "past", "window"), [(4, 0, None), (4, 3, None), (4, 5, 3),
+                                                      (2, 4, None), (1, 6, 2)])  # fmt: skip
+def test_oracle_equals_the_legacy_causal_4d(q_len, past, window):
+    got = Converter(is_causal=True, sliding_window=window).to_causal_4d(
+        2, q_len, q_len + past, dtype=torch.float32
+    )
+    assert torch.equal(got, ref.legacy_causal_4d(2, q_len, q_len + past, window))
+
+
+@needs_converter
+@pytest.mark.parametrize(("mask_2d", "q_len", "causal"), [(LEFT, 6, True), (LEFT, 2, True),
+                                                          (LEFT, 1, True), (PAD_2D, 5, False)])  # fmt: skip
+def test_oracle_equals_the_legacy_to_4d(mask_2d, q_len, causal):
+    kv = mask_2d.shape[1]
+    got = Converter(is_causal=causal).to_4d(mask_2d, q_len, key_value_length=kv,
+                                            dtype=torch.float32)  # fmt: skip
+    assert torch.equal(got, ref.legacy_to_4d(mask_2d, q_len, kv, is_causal=causal))
+
+
+@needs_converter
+def test_oracle_equals_the_legacy_prepare_and_unmask():
+    p, am = 3, torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    full_am = torch.cat([torch.ones(2, p, dtype=am.dtype), am], dim=1)
+    got = mask_utils._prepare_4d_causal_attention_mask(full_am, (2, 4), torch.zeros(2, 4, 8), p)
+    assert torch.equal(got, ref.legacy_prepare_4d_causal(full_am, 2, 4, past=p))
+    expanded = ref.legacy_to_4d(LEFT, 6, 6)
+    with warnings.catch_warnings():  # deprecated in its last releases
+        warnings.simplefilter("ignore")
+        unmasked = Converter._unmask_unattended(expanded, MIN)
+    assert torch.equal(unmasked, ref.legacy_unmask_unattended(expanded, MIN))
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .._checks import check_block_size, check_lengths
+from .._checks import check_block_size, check_int, check_lengths
 from ..convert import block_mask_to_dense, evaluate_tiles, tile_counts
 from ..masks import MaskMod, MaskModFn, as_mask
 
@@ -160,8 +160,7 @@ def check_mask_args(
 
 def check_index(value: object, n: int, name: str, what: str, shared: bool = False) -> int:
     """A row/head index in ``[0, n)``; with ``shared``, a size-1 dimension serves every index."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
+    value = check_int(value, name, minimum=0)
     if shared and n == 1:
         return 0
     if value >= n:
@@ -176,7 +175,7 @@ def score_weights(
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(
+            raise (ValueError if isinstance(t, Tensor) else TypeError)(
                 f"save_scores_png({name}=...) needs a [B, H, S, D] tensor, got {got}; "
                 "MultiheadFlexAttention.project(x) returns q, k, v in that layout."
             )

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
+from .._checks import check_int
 from ..convert import block_kinds
 from ..masks import MaskMod, MaskModFn, as_mask
 from .picture import (
@@ -254,8 +255,8 @@ def save_grid_png(
     _check_flag(show_blocks, "save_grid_png(show_blocks=...)")
     panels = _panels(masks, batch, head, heads)
     n = len(panels)
-    if ncols is not None and (isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1):
-        raise ValueError(f"save_grid_png(ncols=...) must be a positive int, got {ncols!r}.")
+    if ncols is not None:
+        check_int(ncols, "save_grid_png(ncols=...)", expected="a positive int")
     for m, b, h, _ in panels:  # every panel checked before any is drawn
         check_mask_args("save_grid_png", m, q_len, kv_len, b, h)
     pics = [
@@ -283,8 +284,7 @@ def _panels(
     if callable(masks):
         m = as_mask(masks, name="save_grid_png(masks)")
         if heads is not None:
-            if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-                raise ValueError(f"save_grid_png(heads=...) must be a positive int, got {heads!r}.")
+            check_int(heads, "save_grid_png(heads=...)", expected="a positive int")
             return [(m, batch, h, f"{m!r}\nb={batch} h={h}") for h in range(heads)]
         rows = m.batch_size or 1
         return [(m, b, head, f"{m!r}\nb={b}") for b in range(rows)]
@@ -309,6 +309,15 @@ def _check_path(path: object, fn: str) -> Path:
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ValueError(f"{fn}(path=...) writes PNG files, got {str(path)!r}; end it in '.png'.")
+    if target.is_dir():
+        raise ValueError(f"{fn}(path=...) names a directory, {str(path)!r}; add a file name.")
+    folder = target.parent  # the nearest folder that exists must be one, and writable
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{fn}(path=...): {str(folder)!r} is a file, not a folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{fn}(path=...): cannot write in {str(folder)!r}.")
     return target
 
 
