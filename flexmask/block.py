@@ -293,8 +293,8 @@ def cached_dense(
     hit = None if key is None else _DENSE_MASKS.get_recent(key)
     if isinstance(hit, DenseMask):
         return hit
-    allowed = to_dense(mask, q_len, kv_len, batch=batch, heads=heads, device=device)
-    with torch.inference_mode(False):
+    with torch.inference_mode(False):  # kept: may serve a training step later
+        allowed = to_dense(mask, q_len, kv_len, batch=batch, heads=heads, device=device)
         dense = DenseMask(allowed, Coverage.of_dense(allowed))
     if key is not None:
         _DENSE_MASKS.put(key, dense)

@@ -595,10 +595,10 @@ def _int_tensor(value: Any, call: str, ranks: tuple[int, ...]) -> Tensor:
     elif isinstance(value, Sequence) and not isinstance(value, str):
         try:  # an empty list would make a float tensor
             tensor = torch.tensor(value) if len(value) else torch.zeros(0, dtype=torch.long)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            if _all_ints(value):  # ints past int64
+                raise ValueError(f"{call} needs integers below 2**63, got {value!r}.") from None
             raise TypeError(f"{call} needs integers, got {value!r} ({err}).") from None
-        except (RuntimeError, OverflowError):  # ints past int64
-            raise ValueError(f"{call} needs integers below 2**63, got {value!r}.") from None
     else:
         raise TypeError(
             f"{call} needs an integer tensor (or a list of ints), got {type(value).__name__}."
@@ -616,6 +616,12 @@ def _int_tensor(value: Any, call: str, ranks: tuple[int, ...]) -> Tensor:
             f"{call} got a meta tensor, which holds no values; pass one on 'cpu' or an accelerator."
         )
     return capture(tensor)
+
+
+def _all_ints(value: Any) -> bool:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return all(_all_ints(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _lengths(value: Any, call: str, needs: str) -> Tensor:

@@ -292,3 +292,70 @@ def test_the_installed_command(command):
                          capture_output=True, text=True, check=False)  # fmt: skip
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "attribute access is not allowed" in bad.stderr
+
+
+# -- every bad input: exit 2, one line, no traceback --------------------------------------------
+
+BAD_COMMANDS = {
+    "a huge --q-len": (["describe", "causal()", "--q-len", "9" * 30], r"at most 2\*\*62"),
+    "work that cannot fit": (
+        ["describe", "causal()", "--q-len", "100000000000"],
+        r"would take about .* more than the .* free",
+    ),
+    "a picture that cannot fit": (
+        ["render", "causal()", "--q-len", "100000000000", "-o", "x.png"],
+        r"would take about .* more than the .* free",
+    ),
+    "a huge integer in the expression": (
+        ["describe", "sliding_window(" + "9" * 30 + ")", "--q-len", "8"],
+        r"needs a value <= 2\*\*62",
+    ),
+    "huge lengths": (
+        ["describe", "padding([" + "9" * 30 + "])", "--q-len", "8"],
+        r"integers below 2\*\*63",
+    ),
+    "deep nesting": (["describe", "(" * 300 + "causal()" + ")" * 300, "--q-len", "8"], r"nest"),
+    "a deep expression": (
+        ["describe", "~(causal() & " * 60 + "causal()" + ")" * 60, "--q-len", "8"],
+        r"nested 10\d levels deep",
+    ),
+    "-o naming a directory": (
+        ["render", "causal()", "--q-len", "8", "-o", "folder.png"],
+        r"names a directory",
+    ),
+    "-o under a regular file": (
+        ["render", "causal()", "--q-len", "8", "-o", "file/x.png"],
+        r"'file' is a file, not a folder",
+    ),
+    "-o where nothing can be written": (
+        ["render", "causal()", "--q-len", "8", "-o", "/proc/flexmask/x.png"],
+        r"cannot write /proc/flexmask",
+    ),
+    "a bad expression": (["describe", "causal() & evil()", "--q-len", "8"], r"column 12: 'evil'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_COMMANDS))
+def test_every_bad_input_exits_2_with_one_line(name, tmp_path, monkeypatch, capsys):
+    argv, match = BAD_COMMANDS[name]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    assert main(argv) == 2  # returned: no exception escaped, so no traceback
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"flexmask {argv[0]}: error: "), lines
+    assert re.search(match, lines[0]) and out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.png"]
+
+
+def test_version_and_the_subcommands_own_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"flexmask {fm.__version__}"
+    with pytest.raises(SystemExit) as exc:
+        main(["describe", "causal()", "--q-len", "8", "--batch", "3"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith("usage: flexmask describe ")
+    assert err.strip().endswith("flexmask describe: error: unrecognized arguments: --batch 3")

@@ -40,9 +40,9 @@ def models():
     hf.unregister("flexmask")
 
 
-def logits(model, ids, **kw):
+def logits(model, ids=None, **kw):
     with torch.no_grad():
-        return model(ids, **kw).logits
+        return model(ids, **kw).logits if ids is not None else model(**kw).logits
 
 
 def run_tree(model, impl, ctx, tree):
@@ -235,3 +235,177 @@ def test_mask_function_accepts_both_transformers_signatures():
     for got in (new, old):
         assert got.shape == (2, 1, 2, 5)
         assert torch.equal(fm.to_dense(got.mask, 2, 5), want)
+
+
+# -- trust: every feature Transformers' own attention honours, or a clear refusal ---------------
+
+
+def family(kind, impl):
+    """Tiny random models of the families whose features flexmask once dropped, weights scaled
+    up so that a wrong mask or a dropped feature changes the logits (checked below)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=128, initializer_range=0.5)  # fmt: skip
+    if kind == "gemma2":  # soft-capping at 1, sliding layers of 4
+        cfg = transformers.Gemma2Config(**common, attn_logit_softcapping=1.0, sliding_window=4)
+        model = transformers.Gemma2ForCausalLM._from_config(cfg, attn_implementation=impl)
+    elif kind == "gpt_oss":  # attention sinks, sliding layers
+        cfg = transformers.GptOssConfig(**{**common, "intermediate_size": 64}, sliding_window=4,
+                                        num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+        model = transformers.GptOssForCausalLM._from_config(cfg, attn_implementation=impl)
+        with torch.no_grad():
+            for layer in model.model.layers:  # sinks that matter: a share of every row
+                layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, 4))
+    elif kind == "t5":  # relative position bias handed to the attention function
+        cfg = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                    num_heads=4, initializer_factor=2.0, decoder_start_token_id=0)  # fmt: skip
+        model = transformers.T5ForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+    else:  # bart: cross-attention over a padded encoder
+        cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2,
+                                      decoder_layers=2, encoder_attention_heads=4,
+                                      decoder_attention_heads=4, encoder_ffn_dim=128,
+                                      decoder_ffn_dim=128, max_position_embeddings=64,
+                                      init_std=0.5)  # fmt: skip
+        model = transformers.BartForConditionalGeneration._from_config(
+            cfg, attn_implementation=impl
+        )
+    return model.eval()
+
+
+def family_inputs(kind):
+    torch.manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    am = torch.ones_like(ids)
+    if kind in ("t5", "bart"):
+        am[1, 5:] = 0  # a padded source sequence
+        return dict(input_ids=ids, attention_mask=am,
+                    decoder_input_ids=torch.randint(3, VOCAB, (2, 6)))  # fmt: skip
+    am[1, :3] = 0  # left padding
+    return dict(input_ids=ids, attention_mask=am)
+
+
+def without_feature(kind, model):
+    """The model with the feature flexmask once dropped turned off (to show that it matters)."""
+    if kind == "gemma2":
+        model.config.attn_logit_softcapping = None
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+    elif kind == "gpt_oss":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.fill_(-1e4)
+    elif kind == "t5":
+        with torch.no_grad():
+            for stack in (model.encoder, model.decoder):
+                stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight.zero_()
+    return model
+
+
+FAMILIES = ["gemma2", "gpt_oss", "t5", "bart"]
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_flexmask_equals_eager_where_features_were_dropped(models, kind):
+    inputs = family_inputs(kind)
+    want = logits(family(kind, "eager"), **inputs)
+    got = logits(family(kind, "flexmask"), **inputs)
+    rows = inputs["attention_mask"].bool() if kind not in ("t5", "bart") else slice(None)
+    scale = want.abs().max().item()  # logits of scaled-up weights are large
+    torch.testing.assert_close(got[rows], want[rows], atol=ATOL * scale, rtol=0)
+    if kind == "bart":  # the padding is what matters: without it, other logits
+        unpadded = {**inputs, "attention_mask": torch.ones_like(inputs["attention_mask"])}
+        assert (logits(family(kind, "eager"), **unpadded) - want).abs().max() > 0.1
+    else:
+        off = logits(without_feature(kind, family(kind, "eager")), **inputs)
+        assert (off[rows] - want[rows]).abs().max() > 0.1
+    with torch.no_grad():  # cached greedy decoding, prefill then steps
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)  # fmt: skip
+        gen_kw = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+        a = family(kind, "flexmask").generate(**gen_kw, **kw)
+        b = family(kind, "eager").generate(**gen_kw, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    for sa, sb in zip(a.scores, b.scores, strict=True):
+        torch.testing.assert_close(sa, sb, atol=ATOL * scale, rtol=0)
+
+
+def test_cross_attention_mask_pads_keys_only(models):
+    """Transformers' own mask builder, asked for an encoder-decoder cross-attention mask with a
+    padded encoder: flexmask's answer equals SDPA's, key by key."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    cfg = family("bart", "sdpa").config
+    decoder, encoder = torch.zeros(2, 6, 64), torch.zeros(2, 9, 64)
+    am = torch.ones(2, 9, dtype=torch.long)
+    am[1, 5:] = 0
+    masks = {}
+    for impl in ("sdpa", "flexmask"):
+        cfg._attn_implementation = impl
+        masks[impl] = create_bidirectional_mask(
+            config=cfg, inputs_embeds=decoder, attention_mask=am, encoder_hidden_states=encoder
+        )
+    got = fm.to_dense(masks["flexmask"].mask, 6, 9)
+    assert masks["flexmask"].shape == (2, 1, 6, 9)
+    assert torch.equal(got, masks["sdpa"].expand_as(got))
+    assert torch.equal(got[:, 0], ref_key_padding(am, 6))
+
+
+def ref_key_padding(am, q_len):
+    return am.bool()[:, None, :].expand(am.shape[0], q_len, am.shape[1])
+
+
+def test_register_refuses_every_name_transformers_defines(models):
+    from transformers.masking_utils import AttentionMaskInterface
+
+    own = {"eager"} | set(AttentionMaskInterface._global_mapping)
+    own |= set(transformers.AttentionInterface._global_mapping)
+    own -= set(hf._REGISTERED)  # what flexmask itself registered in this process
+    eager = models["llama", "eager"]
+    ids = torch.arange(10, 18)[None]
+    before = logits(eager, ids)
+    for name in sorted(own):
+        with pytest.raises(ValueError, match=r"would replace Transformers' own"):
+            hf.register(name)
+        with pytest.raises(ValueError, match=r"flexmask registered no such name"):
+            hf.unregister(name)
+    assert "eager" in AttentionMaskInterface._global_mapping  # eager models keep their mask
+    torch.testing.assert_close(logits(eager, ids), before, atol=0, rtol=0)
+    torch.testing.assert_close(before, logits(models["llama", "sdpa"], ids), atol=ATOL, rtol=0)
+    for bad in ("paged|flexmask", "org/kernel:fn"):
+        with pytest.raises(ValueError, match=r"reads '\|', ':' and '/'"):
+            hf.register(bad)
+
+
+def _attend(**kwargs):
+    attention = hf._attention_function("auto")
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 4, 8)
+    return attention(module, q, q, q, None, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alibi_slopes": torch.ones(2)}, r"passed 'alibi_slopes', which it does not know how"),
+        ({"output_attentions": True}, r"returns no attention weights"),
+        ({"s_aux": torch.ones(2), "sinks": torch.ones(1, 2, 4, 1)}, r"both s_aux and sinks"),
+    ],
+)
+def test_keywords_that_cannot_be_honoured_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _attend(**kwargs)
+    _attend(position_ids=torch.arange(4)[None], output_attentions=False)  # no effect: accepted
+
+
+def test_a_4d_integer_mask_is_refused_and_a_float_mask_is_additive(models):
+    ids = torch.arange(10, 18)[None]
+    model, eager = models["llama", "flexmask"], models["llama", "eager"]
+    ones = torch.ones(1, 1, 8, 8, dtype=torch.long).tril()
+    with pytest.raises(TypeError, match=r"integer 0/1 mask is ambiguous.*to_hf_4d"):
+        logits(model, ids, attention_mask=ones)
+    bias = fm.to_hf_4d(fm.causal(), 8) - 0.3 * torch.arange(8.0)  # a bias on top of the mask
+    got, want = logits(model, ids, attention_mask=bias), logits(eager, ids, attention_mask=bias)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    plain = logits(eager, ids, attention_mask=fm.to_hf_4d(fm.causal(), 8))
+    assert (plain - want).abs().max() > 0.01  # the bias matters
