@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install figures figures-check test test-slow test-all test-legacy-hf lint format typecheck nb demo bench bench-quick bench-viz bench-hf bench-decode bench-blocks check clean
+.PHONY: install figures figures-check test test-slow test-all test-legacy-hf lint format typecheck nb demo bench bench-quick bench-viz bench-hf bench-decode bench-blocks bench-guarantees check clean
 
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels on a CPU machine.
 $(STAMP): pyproject.toml
@@ -61,7 +61,12 @@ bench: $(STAMP)  ## attention fwd and fwd+bwd, BlockMask building, memory: BENCH
 	$(PY) benchmarks/block_build.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/dispatch.py
+	$(PY) benchmarks/guarantees.py
 	$(PY) benchmarks/report.py
+
+bench-guarantees: $(STAMP)  ## what zeroing hidden queries/keys (NaN in padding) costs, per call
+	$(PY) benchmarks/guarantees.py
+	$(PY) benchmarks/guarantees.py --nan
 
 bench-quick: $(STAMP)  ## the same scripts at small sizes, a smoke run (CI; under 3 minutes)
 	$(PY) benchmarks/attention.py --quick
@@ -69,6 +74,7 @@ bench-quick: $(STAMP)  ## the same scripts at small sizes, a smoke run (CI; unde
 	$(PY) benchmarks/block_build.py --quick
 	$(PY) benchmarks/memory.py --quick
 	$(PY) benchmarks/dispatch.py --quick
+	$(PY) benchmarks/guarantees.py --quick
 
 bench-viz: $(STAMP)  ## time and peak memory of drawing 16k-131k token masks
 	$(PY) benchmarks/viz_large.py

@@ -413,7 +413,7 @@ class MultiheadFlexAttention(nn.Module):
                     f"forward({name}=...) must have shape [B, S, {self.embed_dim}] (batch first, "
                     f"embed_dim last), got {tuple(t.shape)}."
                 )
-            if t.dtype != weight.dtype:
+            if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
                 raise TypeError(
                     f"forward({name}=...) is {t.dtype} but the module's weights are "
                     f"{weight.dtype}; convert one of them, e.g. {name}.to({weight.dtype}) or "
@@ -536,7 +536,7 @@ def flex_attend(
     if not isinstance(mask, BlockMask):
         # Never flex's block_mask=None: on CPU that is one giant block, several times slower.
         mask = block_mask_for(mask, q, k.shape[2], block_size=block_size)
-    q, k, v = hide_unseen(q, k, v, coverage(mask))
+    q, k, v = coverage(mask).hide(q, k, v)
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one graph per mask
         return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
                                 enable_gqa=_gqa(q, k))  # fmt: skip
@@ -562,20 +562,6 @@ def as_dense_mask(mask: DenseMask | Tensor | None) -> DenseMask | None:
     return DenseMask(mask, Coverage.of_dense(mask))
 
 
-def hide_unseen(q: Tensor, k: Tensor, v: Tensor, cover: Coverage) -> tuple[Tensor, Tensor, Tensor]:
-    """Zero the queries that see no key and the keys no query sees (``cover``: ``[B, H, S]``
-    flags with B and H of 1 or the inputs'). Nothing there reaches a real output, but NaN there
-    would: ``0 * NaN`` is NaN in the matmuls, forward and backward."""
-    if cover.complete:
-        return q, k, v
-    rows = cover.rows[..., None]  # [B, H, S, 1]
-    keys = cover.keys
-    if keys.shape[1] not in (1, k.shape[1]):  # per query head: a key head serves a group
-        keys = keys.view(keys.shape[0], k.shape[1], -1, keys.shape[-1]).any(2)
-    keys = keys[..., None]
-    return q.where(rows, 0.0), k.where(keys, 0.0), v.where(keys, 0.0)
-
-
 def masked_sdpa(
     q: Tensor,
     k: Tensor,
@@ -596,7 +582,7 @@ def masked_sdpa(
     if dense is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=gqa)  # fmt: skip
-    q, k, v = hide_unseen(q, k, v, dense.coverage)
+    q, k, v = dense.coverage.hide(q, k, v)
     # A row with no allowed key would be NaN (or depend on the kernel); let it see every key
     # (its query is zero), then zero its output: finite values forward, zero gradients back.
     seen = dense.coverage.rows[..., None]
@@ -628,7 +614,7 @@ def softmax_attention(
     """
     dense = as_dense_mask(dense)
     if dense is not None:
-        q, k, v = hide_unseen(q, k, v, dense.coverage)
+        q, k, v = dense.coverage.hide(q, k, v)
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)

@@ -260,19 +260,38 @@ def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass(frozen=True)
 class Coverage:
-    """Which queries see some key and which keys some query sees, ``[B, H, S]`` bool each (B and
-    H as the mask has them). Attention zeroes the queries and keys nobody uses before computing
-    (so NaN in padding cannot leak into real rows or gradients) and zeroes the blind rows'
-    outputs after. ``complete`` when every query sees a key and every key is seen."""
+    """Which queries see some key, and which queries and keys to zero before attention: those
+    the mask hides from everyone, among those a kernel computes (every one for dense SDPA, those
+    in visited blocks for a BlockMask). Zeroing them changes nothing, except that NaN there
+    (padding) can no longer reach real rows or gradients: ``0 * NaN`` is NaN in the matmuls.
 
-    rows: Tensor
-    keys: Tensor
-    complete: bool
+    Each is ``[B, H, S]`` bool, with B and H of 1 or the mask's.
+    """
+
+    rows: Tensor  # the query sees some key
+    hidden_q: Tensor  # a query that sees nothing, computed all the same
+    hidden_k: Tensor  # a key that no query sees, computed all the same
+    complete: bool  # nothing to zero
+
+    @classmethod
+    def of(cls, rows: Tensor, hidden_q: Tensor, hidden_k: Tensor) -> Coverage:
+        return cls(rows, hidden_q, hidden_k, not (bool(hidden_q.any()) or bool(hidden_k.any())))
 
     @classmethod
     def of_dense(cls, dense: Tensor) -> Coverage:
-        rows, keys = dense.any(-1), dense.any(-2)
-        return cls(rows, keys, bool(rows.all()) and bool(keys.all()))
+        """Of a dense mask ``[B, H, Q, KV]``: SDPA computes every query and key."""
+        rows = dense.any(-1)
+        return cls.of(rows, ~rows, ~dense.any(-2))
+
+    def hide(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``q [B, H, S, D]``, ``k`` and ``v [B, H_kv, S_kv, D]`` with the hidden queries and keys
+        zeroed (the inputs themselves when nothing needs it)."""
+        if self.complete:
+            return q, k, v
+        hidden_k = self.hidden_k
+        if hidden_k.shape[1] not in (1, k.shape[1]):  # per query head: a key head serves a group
+            hidden_k = hidden_k.view(hidden_k.shape[0], k.shape[1], -1, hidden_k.shape[-1]).all(2)
+        return _zeroed(q, self.hidden_q), _zeroed(k, hidden_k), _zeroed(v, hidden_k)
 
 
 @dataclass(frozen=True)
@@ -308,12 +327,29 @@ def coverage(bm: BlockMask) -> Coverage:
     hit = None if key is None else _COVERAGE.get_recent(key)
     if isinstance(hit, tuple) and hit[0] is bm:
         return hit[1]
+    q_len, kv_len = bm.seq_lengths
+    qbs, kvbs = bm.BLOCK_SIZE
     with torch.inference_mode(False), torch.no_grad():
-        rows, keys = _counts(bm, block_kinds(bm))
-        result = Coverage(rows > 0, keys > 0, bool((rows > 0).all()) and bool((keys > 0).all()))
+        kinds = block_kinds(bm)
+        rows, keys = _counts(bm, kinds)
+        visited = kinds > 0  # only what a block-sparse kernel computes can carry NaN in
+        q_computed = visited.any(-1).repeat_interleave(qbs, -1)[..., :q_len]
+        k_computed = visited.any(-2).repeat_interleave(kvbs, -1)[..., :kv_len]
+        result = Coverage.of(rows > 0, (rows == 0) & q_computed, (keys == 0) & k_computed)
     if key is not None:
         _COVERAGE.put(key, (bm, result))
     return result
+
+
+def _zeroed(x: Tensor, flags: Tensor) -> Tensor:
+    """``x [B, H, S, D]`` with the positions of ``flags [B or 1, H or 1, S]`` zeroed."""
+    flags = flags.expand(x.shape[0], x.shape[1], -1)
+    if x.device.type != "cpu":  # no host sync on accelerators: one pass at memory bandwidth
+        return x.masked_fill(flags[..., None], 0.0)
+    index = flags.nonzero(as_tuple=True)
+    if not index[0].numel() or bool(x[index].isfinite().all()):
+        return x  # finite values under a zero probability (or gradient) change nothing
+    return x.index_put(index, x.new_zeros(()))
 
 
 def block_mask_key(bm: BlockMask) -> tuple[object, ...] | None:

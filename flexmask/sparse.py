@@ -87,14 +87,10 @@ def sparse_attention(
         v = v.repeat_interleave(nh // nkv, dim=1)
     # One "mask row" per (Bm, Hm) of the BlockMask; the batch rows and heads the mask broadcasts
     # over ride along as SDPA heads, in an order that keeps GQA's head // group pairing.
+    q, k, v = coverage(mask).hide(q, k, v)  # NaN where the mask hides everything stays out
     q_rows = _mask_rows(q, mb, mh, nqb * qbs)  # [Bm*Hm, hs, QB*qbs, D]
     k_rows = _mask_rows(k, mb, mh, nkvb * kvbs)
     v_rows = _mask_rows(v, mb, mh, nkvb * kvbs)
-    cover = coverage(mask)
-    if not cover.complete:  # nothing hidden from every query may reach the output (NaN * 0)
-        q_rows = q_rows.where(_row_flags(cover.rows, nqb * qbs), 0.0)
-        k_flags = _row_flags(cover.keys, nkvb * kvbs)
-        k_rows, v_rows = k_rows.where(k_flags, 0.0), v_rows.where(k_flags, 0.0)
     if not plan.runs:  # nothing visible: zeros, still in the graph so that gradients are zeros
         inputs = q.sum() + k.sum() + v.sum()
         never = torch.zeros((), dtype=torch.bool, device=q.device)
@@ -105,12 +101,6 @@ def sparse_attention(
     else:
         result = _attend_runs(q_rows, k_rows, v_rows, *args)
     return _unblock(result, bsz, nh, mb, mh, nqb, qbs)[:, :, :s_q]
-
-
-def _row_flags(flags: Tensor, padded: int) -> Tensor:
-    """``[Bm, Hm, S]`` per-position flags -> ``[Bm*Hm, 1, padded, 1]`` (False past ``S``)."""
-    flat = flags.flatten(0, 1)
-    return F.pad(flat, (0, padded - flat.shape[-1]))[:, None, :, None]
 
 
 def _attend_runs(

@@ -47,7 +47,7 @@ def test_nothing_cached_under_inference_mode_is_an_inference_tensor():
         dense = cached_dense(mask, 300, 300, batch=2, heads=1, device=torch.device("cpu"))
         additive = [run.attn_mask(torch.float32) for run in plan.runs]
     held = [*mask.tensors(), *(t for t in bm.as_tuple() if isinstance(t, torch.Tensor))]
-    held += [dense.allowed, dense.coverage.rows, dense.coverage.keys]
+    held += [dense.allowed, dense.coverage.rows, dense.coverage.hidden_k]
     held += [t for run in plan.runs for t in (run.allowed, run.blind) if t is not None]
     held += [t for t in additive if t is not None]
     assert held and not any(t.is_inference() for t in held)
@@ -227,6 +227,24 @@ def test_a_module_fed_nan_at_its_pads(backend):
     (out, grad), (want, want_grad) = outs
     assert torch.equal(out, want) and torch.equal(grad, want_grad)
     assert bool(grad.isfinite().all()) and bool((grad[1, 7:] == 0).all())
+
+
+@pytest.mark.slow
+def test_flex_keeps_nan_at_the_pads_out():
+    """Compiled flex (CPU inference) with NaN where padding hides everything: pad rows zero, real
+    rows those of clean inputs (flex itself returns NaN there)."""
+    n = 200  # the shape of the other flex tests: compiled once
+    mask = fm.causal() & fm.padding([n, 70])
+    oracle = (ref.causal(n, n) & ref.padding(n, n, [n, 70]))[:, None]
+    q, k, v = qkv(shape=(2, 4, n, 8), dtype=torch.float32, seed=11)
+    with torch.no_grad():
+        poisoned = [t.clone() for t in (q, k, v)]
+        for t in poisoned:
+            t[1, :, 70:] = float("nan")
+        out = fm.attention.flex_attend(*poisoned, mask)
+    assert bool(out.isfinite().all()) and bool((out[1, :, 70:] == 0).all())
+    want = ref.attention(q.double(), k.double(), v.double(), oracle)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
 # -- the KV cache is transactional --------------------------------------------------------------
