@@ -33,7 +33,7 @@ from harness import Progress, attention_flops, device, matmul_peak, measure
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import flexmask as fm
-from flexmask.attention import masked_sdpa
+from flexmask.attention import as_dense_mask, masked_sdpa
 
 HEADS, HEAD_DIM = 8, 64
 
@@ -106,7 +106,8 @@ def run_case(name, mask, gym_mask, bsz, n, dtype, backward, dev, warmup, repeats
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     batch = bsz if mask.uses_batch else None
     bm = fm.block_mask(mask, n, batch=batch, device=dev)
-    dense = fm.to_dense(mask, n, batch=bsz if mask.uses_batch else 1, device=dev)  # [B, 1, S, S]
+    # [B, 1, S, S], with its coverage found once, as the module caches it for every layer
+    dense = as_dense_mask(fm.to_dense(mask, n, batch=bsz if mask.uses_batch else 1, device=dev))
     with torch._dynamo.config.patch(recompile_limit=64):
         torch_bm = compiled_create_block_mask()(gym_mask or mask, batch, None, n, n, dev)
     chooser = fm.MultiheadFlexAttention(heads * HEAD_DIM, heads, device=dev)
@@ -120,7 +121,7 @@ def run_case(name, mask, gym_mask, bsz, n, dtype, backward, dev, warmup, repeats
     if name == "causal":
         methods["sdpa is_causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if n <= 2048:
-        methods["naive"] = lambda: naive(q, k, v, dense)
+        methods["naive"] = lambda: naive(q, k, v, dense.allowed)
     backend_of = {"sdpa": "sdpa dense", "sdpa_causal": "sdpa is_causal", "sparse": "sparse",
                   "flex": "flex"}  # fmt: skip
 
@@ -140,7 +141,7 @@ def run_case(name, mask, gym_mask, bsz, n, dtype, backward, dev, warmup, repeats
     kinds = fm.convert.block_kinds(bm)  # per head: [B or 1, 1, QB, KVB]
     visited = int((kinds > 0).sum()) * bm.BLOCK_SIZE[0] * bm.BLOCK_SIZE[1]
     visited *= bsz if batch is None else 1
-    allowed = int(dense.expand(bsz, 1, n, n).sum())
+    allowed = int(dense.allowed.expand(bsz, 1, n, n).sum())
     flops = functools.partial(attention_flops, head_dim=HEAD_DIM, heads=heads, backward=backward)
     rows = []
     for method, t in timings.items():

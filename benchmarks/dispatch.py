@@ -16,7 +16,7 @@ from _results import save
 from harness import Progress, device, measure
 
 import flexmask as fm
-from flexmask.attention import SPARSE_MAX_DENSITY, masked_sdpa
+from flexmask.attention import SPARSE_MAX_DENSITY, as_dense_mask, masked_sdpa
 from flexmask.sparse import _plan
 
 
@@ -46,7 +46,7 @@ def main() -> None:
         bar.step(f"{name} {'fwd+bwd' if grad else 'fwd'}")
         q, k, v = (torch.randn(1, 8, n, 64, device=dev, requires_grad=grad) for _ in range(3))
         bm = fm.block_mask(mask, n, device=dev)
-        dense = fm.to_dense(mask, n, device=dev)
+        dense = as_dense_mask(fm.to_dense(mask, n, device=dev))  # found once, as the module
         grad_out = torch.randn_like(q)
 
         def run(attend, grad=grad, grad_out=grad_out):

@@ -24,7 +24,7 @@ from harness import Progress
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 import flexmask as fm
-from flexmask.attention import masked_sdpa
+from flexmask.attention import as_dense_mask, masked_sdpa
 
 STATUS = Path("/proc/self/status")
 
@@ -71,7 +71,7 @@ def cases(quick: bool) -> list[tuple[str, str, int, Callable[[], object], int]]:
         if name == "causal":
             continue
         bm = fm.block_mask(mask, n, device="cpu")
-        dense = fm.to_dense(mask, n, device="cpu")
+        dense = as_dense_mask(fm.to_dense(mask, n, device="cpu"))
         what, blocks = f"attention fwd+bwd {name}", visited_blocks(bm)
         sparse = functools.partial(fm.sparse_attention, mask=bm)
         out.append((what, "sparse", n, functools.partial(_train, n, sparse), blocks))

@@ -200,7 +200,8 @@ def _attention_function(backend: str) -> Callable[..., tuple[Tensor, None]]:
         # query: [B, H, q_len, D]; key, value: [B, H_kv, kv_len, D]
         f = _Features.read(module, kwargs)
         mask, dense, mask_bias = _layer_mask(attention_mask, f, query, key)
-        bias = mask_bias if f.bias is None else f.bias if mask_bias is None else f.bias + mask_bias
+        biases = [b for b in (f.bias, mask_bias) if b is not None]  # T5's, a float 4-D mask's
+        bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else None)
         use_flex = backend == "flex" or (backend == "auto" and query.device.type == "cuda")
         if backend == "sparse" and (
             f.softcap is not None or f.sinks is not None or bias is not None

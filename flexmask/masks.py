@@ -411,7 +411,7 @@ class _Composite(MaskMod):
 
     def _key(self) -> tuple[Any, ...] | None:
         # Children compare with their own __eq__ (identity for tensor masks), so this is a key
-        # for value comparison even when a child is identity-compared; cacheable needs all scalar.
+        # for value comparison even when a child is identity-compared (see cache_key).
         if all(c._key() is not None for c in self.parts):
             return self.parts
         return None
