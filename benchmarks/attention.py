@@ -33,7 +33,8 @@ from harness import Progress, attention_flops, device, matmul_peak, measure
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import flexmask as fm
-from flexmask.attention import as_dense_mask, masked_sdpa
+from flexmask.coverage import as_dense_mask
+from flexmask.runners import masked_sdpa
 
 HEADS, HEAD_DIM = 8, 64
 
@@ -138,7 +139,7 @@ def run_case(name, mask, gym_mask, bsz, n, dtype, backward, dev, warmup, repeats
         timings = measure(methods, warmup=warmup, repeats=repeats, dev=dev,
                           budget_s=0.0 if repeats == 1 else 3.0)  # fmt: skip
 
-    kinds = fm.convert.block_kinds(bm)  # per head: [B or 1, 1, QB, KVB]
+    kinds = fm.evaluation.block_kinds(bm)  # per head: [B or 1, 1, QB, KVB]
     visited = int((kinds > 0).sum()) * bm.BLOCK_SIZE[0] * bm.BLOCK_SIZE[1]
     visited *= bsz if batch is None else 1
     allowed = int(dense.allowed.expand(bsz, 1, n, n).sum())

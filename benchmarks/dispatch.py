@@ -16,8 +16,10 @@ from _results import save
 from harness import Progress, device, measure
 
 import flexmask as fm
-from flexmask.attention import SPARSE_MAX_DENSITY, as_dense_mask, masked_sdpa
-from flexmask.sparse import _plan
+from flexmask.coverage import as_dense_mask
+from flexmask.dispatch import SPARSE_MAX_DENSITY
+from flexmask.runners import masked_sdpa
+from flexmask.sparse_plan import plan
 
 
 def masks(n: int) -> dict[str, fm.MaskMod]:
@@ -58,12 +60,12 @@ def main() -> None:
         }
         with torch.set_grad_enabled(grad):
             t = measure(methods, warmup=warmup, repeats=repeats, dev=dev)
-        plan = _plan(bm)
+        runs = plan(bm)
         rows.append({
-            "mask": name, "pass": "fwd+bwd" if grad else "fwd", "density": plan.density,
-            "gathered": plan.gathered, "cost": plan.cost, "sparse_ms": t["sparse"].ms,
+            "mask": name, "pass": "fwd+bwd" if grad else "fwd", "density": runs.density,
+            "gathered": runs.gathered, "cost": runs.cost, "sparse_ms": t["sparse"].ms,
             "dense_ms": t["dense"].ms, "dense_over_sparse": t["dense"].ms / t["sparse"].ms,
-            "auto": "sparse" if plan.cost <= SPARSE_MAX_DENSITY else "sdpa dense",
+            "auto": "sparse" if runs.cost <= SPARSE_MAX_DENSITY else "sdpa dense",
         })  # fmt: skip
     save(
         "dispatch" + ("_quick" if args.quick else ""), rows,

@@ -18,9 +18,9 @@ from _results import save
 from harness import device, measure
 
 import flexmask as fm
-import flexmask.attention as attention
-import flexmask.sparse as sparse
-from flexmask.block import Coverage, DenseMask
+from flexmask.coverage import Coverage, DenseMask, coverage
+from flexmask.runners import masked_sdpa
+from flexmask.sparse_plan import plan
 
 HEADS, HEAD_DIM, BATCH = 8, 64, 2
 
@@ -91,7 +91,7 @@ def _methods(q, k, v, bm, dense, backward: bool) -> dict[str, Callable[[], None]
         return fm.sparse_attention(*t, bm)
 
     def sdpa_call(*t: torch.Tensor) -> torch.Tensor:
-        return attention.masked_sdpa(*t, dense)
+        return masked_sdpa(*t, dense)
 
     return {
         "sparse": timed(sparse_call, True),
@@ -115,9 +115,9 @@ def _once(bm) -> tuple[float, float]:
     time (both are cached per BlockMask afterwards)."""
     fm.clear_cache()
     start = time.perf_counter()
-    sparse.coverage(bm)
+    coverage(bm)
     mid = time.perf_counter()
-    sparse._plan(bm)
+    plan(bm)
     end = time.perf_counter()
     return (mid - start) * 1e3, (end - mid) * 1e3
 

@@ -24,7 +24,8 @@ from harness import Progress
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 import flexmask as fm
-from flexmask.attention import as_dense_mask, masked_sdpa
+from flexmask.coverage import as_dense_mask
+from flexmask.runners import masked_sdpa
 
 STATUS = Path("/proc/self/status")
 
@@ -89,7 +90,7 @@ def builds(n: int) -> dict[str, fm.MaskMod]:
 
 
 def visited_blocks(bm: BlockMask) -> int:
-    return int((fm.convert.block_kinds(bm) > 0).sum())
+    return int((fm.evaluation.block_kinds(bm) > 0).sum())
 
 
 def _train(n: int, attend: Callable) -> None:

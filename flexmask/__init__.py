@@ -4,13 +4,13 @@ Describe once which query may see which key, combine the pieces with ``&``, ``|`
 a BlockMask, a dense mask for SDPA, diagnostics, and a drop-in attention module.
 """
 
-# tree.py first: importing a submodule binds its name on the package, and `tree` must end up
-# naming the mask factory, not the module.
-from .tree import Tree  # isort: skip
+from ._lru import cache_info, clear_cache
 from .attention import MultiheadFlexAttention, ScoreModFn
-from .block import MaskStats, block_mask, cache_info, check, clear_cache, describe
+from .block import block_mask
 from .cache import KVCache
-from .convert import block_mask_to_dense, from_hf_attention_mask, to_additive, to_dense, to_hf_4d
+from .candidates import Tree
+from .dense import block_mask_to_dense, to_additive, to_dense, to_hf_4d
+from .diagnose import MaskStats, check, describe
 from .masks import (
     MaskMod,
     MaskModFn,
@@ -19,6 +19,7 @@ from .masks import (
     causal,
     chunked,
     document,
+    from_hf_attention_mask,
     full,
     not_mask,
     or_masks,

@@ -1,4 +1,4 @@
-"""Argument checks shared by every module: errors before any tensor work.
+"""Every argument check, written once: errors before any tensor work.
 
 Wrong types get a TypeError, wrong values a ValueError, each saying what was expected, what came
 and how to fix it. Work whose size cannot fit in memory is refused here too, before allocating.
@@ -7,9 +7,11 @@ and how to fix it. Work whose size cannot fit in memory is refused here too, bef
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 if TYPE_CHECKING:
     from .masks import MaskMod
@@ -21,13 +23,74 @@ int64 arithmetic of masks (``q_idx - kv_idx < window``)."""
 
 def check_int(value: object, name: str, minimum: int = 1, expected: str | None = None) -> int:
     """An int in ``[minimum, MAX_INDEX]``: TypeError for another type, ValueError for another
-    value. ``name`` is the argument as the user wrote it, ``expected`` what it must be."""
-    expected = expected or f"an int >= {minimum}"
+    value. ``name`` is the argument as the user wrote it. The message says "must be
+    {expected}", or without ``expected`` "needs an int" / "needs a value >= {minimum}"."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}.")
-    if not minimum <= value <= MAX_INDEX:
-        raise ValueError(f"{name} must be {expected}, got {value!r}.")
+        what = f"must be {expected}" if expected else "needs an int"
+        raise TypeError(f"{name} {what}, got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        what = f"must be {expected}" if expected else f"needs a value >= {minimum}"
+        raise ValueError(f"{name} {what}, got {value!r}.")
+    if value > MAX_INDEX:
+        what = f"must be {expected}" if expected else "needs a value <= 2**62"
+        raise ValueError(f"{name} {what}, got {value!r}.")
     return value
+
+
+def capture(tensor: Tensor) -> Tensor:
+    """A private copy of a tensor a mask keeps: detached, so later edits of the caller's tensor
+    don't leak in, and never an inference tensor, so a mask made under ``torch.inference_mode``
+    still serves training."""
+    with torch.inference_mode(False):
+        return tensor.detach().clone()
+
+
+def int_tensor(value: object, call: str, ranks: tuple[int, ...]) -> Tensor:
+    """An integer tensor (or list of ints) of one of ``ranks``, captured (see ``capture``)."""
+    if isinstance(value, Tensor):
+        tensor = value
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        try:  # an empty list would make a float tensor
+            tensor = torch.tensor(value) if len(value) else torch.zeros(0, dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            if _all_ints(value):  # ints past int64
+                raise ValueError(f"{call} needs integers below 2**63, got {value!r}.") from None
+            raise TypeError(f"{call} needs integers, got {value!r} ({err}).") from None
+    else:
+        raise TypeError(
+            f"{call} needs an integer tensor (or a list of ints), got {type(value).__name__}."
+        )
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(
+            f"{call} needs an integer tensor, got dtype {tensor.dtype}; convert it with "
+            ".long() (or pass a list of ints)."
+        )
+    if tensor.dim() not in ranks:
+        shapes = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(f"{call} needs a {shapes} tensor, got shape {tuple(tensor.shape)}.")
+    if tensor.is_meta:
+        raise ValueError(
+            f"{call} got a meta tensor, which holds no values; pass one on 'cpu' or an accelerator."
+        )
+    return capture(tensor)
+
+
+def _all_ints(value: object) -> bool:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return all(_all_ints(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def lengths_tensor(value: object, call: str, needs: str) -> Tensor:
+    """A non-empty 1-D tensor of counts in ``[0, 2**62]``, captured."""
+    tensor = int_tensor(value, call, ranks=(1,))
+    if tensor.numel() == 0:
+        raise ValueError(f"{call} needs {needs}, got an empty tensor.")
+    if int(tensor.min()) < 0:
+        raise ValueError(f"{call} needs lengths >= 0, got {tensor.tolist()}.")
+    if int(tensor.max()) > MAX_INDEX:
+        raise ValueError(f"{call} needs lengths <= 2**62, got {int(tensor.max())}.")
+    return tensor
 
 
 def check_lengths(q_len: object, kv_len: object) -> int:

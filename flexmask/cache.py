@@ -1,8 +1,8 @@
-"""``KVCache``: preallocated keys and values for decoding with ``MultiheadFlexAttention``.
+"""``KVCache``: keys and values preallocated for decoding, and the mask of one step over them.
 
 Each batch row has its own length, so prompts of different lengths need no left padding: row
 ``b``'s next tokens go to positions ``lengths[b], lengths[b] + 1, ...``. A call's queries sit at
-those absolute positions, and the mask is evaluated there (``_CacheStep``), with the keys past
+those absolute positions, and the mask is evaluated there (``KVCache.step``), with the keys past
 each row's length masked out. The step mask captures the lengths as tensors, so every decode
 step of one shape reuses one compiled BlockMask builder and one compiled flex kernel.
 """
@@ -14,19 +14,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._checks import as_device, check_int, check_memory
-from .masks import MaskMod, MaskModFn, _Padding, as_mask, check_depth
+from .masks import MaskMod, MaskModFn, Wrapper, as_mask, declared
 
 __all__ = ["KVCache"]
 
 
-class KVCache:
+class KVCache(nn.Module):
     """Keys and values of one attention layer, preallocated to ``max_len`` positions per row.
 
     Shapes: ``k``, ``v``: ``[batch, num_kv_heads, max_len, head_dim]``; ``lengths``:
-    ``LongTensor[batch]``, the positions written in each row.
+    ``LongTensor[batch]``, the positions written in each row. They are buffers of this
+    ``nn.Module``: ``cache.to(device)``, ``cache.half()`` and ``state_dict()`` work, and a cache
+    held by a model moves with it.
 
     Example:
         >>> import torch, flexmask as fm
@@ -56,13 +58,17 @@ class KVCache:
             check_int(value, f"KVCache({name}=...)", expected="a positive int")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"KVCache(dtype=...) must be a floating dtype, got {dtype!r}.")
+        super().__init__()
         dev = torch.device("cpu") if device is None else as_device(device, "KVCache(device=...)")
         shape = (batch, num_kv_heads, max_len, head_dim)
         nbytes = 2 * batch * num_kv_heads * max_len * head_dim * dtype.itemsize
         check_memory(nbytes, f"KVCache{shape} for keys and values", "make max_len shorter", dev)
-        self.k = torch.zeros(shape, dtype=dtype, device=dev)
-        self.v = torch.zeros(shape, dtype=dtype, device=dev)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=self.k.device)
+        self.k: Tensor
+        self.v: Tensor
+        self.lengths: Tensor
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=dev))
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=dev))
+        self.register_buffer("lengths", torch.zeros(batch, dtype=torch.long, device=dev))
 
     @property
     def batch(self) -> int:
@@ -80,10 +86,10 @@ class KVCache:
     def head_dim(self) -> int:
         return self.k.shape[3]
 
-    def __repr__(self) -> str:
+    def extra_repr(self) -> str:
         b, h, n, d = self.k.shape
-        return (f"KVCache(batch={b}, max_len={n}, num_kv_heads={h}, head_dim={d}, "
-                f"dtype={self.k.dtype}, lengths={self.lengths.tolist()})")  # fmt: skip
+        return (f"batch={b}, max_len={n}, num_kv_heads={h}, head_dim={d}, dtype={self.k.dtype}, "
+                f"lengths={self.lengths.tolist()}")  # fmt: skip
 
     def reset(self) -> None:
         """Forget every position (the memory stays allocated)."""
@@ -140,7 +146,29 @@ class KVCache:
             ⬚ ⬚ ■ ■ ⬚ ⬚
         """
         counts = torch.full_like(self.lengths, _count(q_len))
-        return _CacheStep(as_mask(mask, name="step_mask(mask)"), self.lengths.clone(), counts)
+        return self.step(as_mask(mask, name="step_mask(mask)"), counts)
+
+    def step(self, mask: MaskMod, counts: Tensor) -> MaskMod:
+        """The mask of the next call, whose rows bring ``counts [B]`` real tokens (the module's
+        own path; ``step_mask`` checks its arguments first).
+
+        Raises:
+            ValueError: if ``mask`` holds per-batch tensors for another batch size, or counts
+                from the end of the sequence (``padding(side="left")``: a cache has no end).
+        """
+        rows = mask.batch_size
+        if rows is not None and rows != self.batch:
+            raise ValueError(
+                f"the mask {mask!r} holds per-batch tensors of {rows} rows but the KV cache "
+                f"has {self.batch}; give one entry per cached sequence."
+            )
+        if mask.counts_from_end:
+            raise ValueError(
+                f"the mask {mask!r} holds padding(side='left'), which counts from the end "
+                "of the sequence; a KV cache grows, so it has no end to count from. Pass "
+                "forward(..., lengths=..., padding_side='left') for left-padded prompts instead."
+            )
+        return _Step(mask, self.lengths.clone(), counts)
 
     def check_room(self, s: int) -> None:
         """Raise before writing when ``s`` more positions per row would pass ``max_len``."""
@@ -221,29 +249,16 @@ def _count(q_len: object) -> int:
     return check_int(q_len, "KVCache.step_mask(q_len=...)", expected="a positive int")
 
 
-class _CacheStep(MaskMod):
+@declared
+class _Step(Wrapper):
     """One call's mask over the cache: query ``i`` of row ``b`` is position ``start[b] + i``
     (real iff ``i < count[b]``), keys are positions ``0..max_len-1``, valid below
-    ``start[b] + count[b]``; ``inner`` is the user's mask in absolute positions."""
+    ``start[b] + count[b]``; ``inner`` is the user's mask in absolute positions. The inner mask
+    is not bound: masks holding per-position tensors treat positions past them as empty."""
 
-    def __init__(self, inner: MaskMod, start: Tensor, count: Tensor) -> None:
-        rows = inner.batch_size
-        if rows is not None and rows != start.shape[0]:
-            raise ValueError(
-                f"the mask {inner!r} holds per-batch tensors of {rows} rows but the KV cache "
-                f"has {start.shape[0]}; give one entry per cached sequence."
-            )
-        self.inner = inner
-        self.start = start
-        self.count = count
-        check_depth(inner.depth + 1)
-
-    @property
-    def depth(self) -> int:
-        return self.inner.depth + 1
-
-    def _sealed_leaf(self) -> bool:
-        return self.inner.sealed
+    inner: MaskMod
+    start: Tensor  # [B]
+    count: Tensor  # [B]
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         s, n = self.start[b], self.count[b]
@@ -253,37 +268,5 @@ class _CacheStep(MaskMod):
     def _expr(self) -> str:
         return f"{self.inner!r} on a KV cache (lengths {(self.start + self.count).tolist()})"
 
-    def _own_tensors(self) -> list[Tensor]:
-        return [self.start, self.count, *self.inner.tensors()]
-
     def _own_batch(self) -> int | None:
         return self.start.shape[0]
-
-    def _opaque(self) -> bool:
-        return self.inner.uses_heads
-
-    def _moved(self, device: torch.device) -> MaskMod:
-        return _CacheStep(self.inner.to(device), self.start.to(device), self.count.to(device))
-
-    def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
-        # The inner mask sees absolute positions up to kv_len; masks holding per-position tensors
-        # treat positions past them as empty, so nothing needs binding here, but left padding
-        # counts from the end of a sequence, and a cache has none.
-        if _left_padding(self.inner):
-            raise ValueError(
-                f"the mask {self.inner!r} holds padding(side='left'), which counts from the end "
-                "of the sequence; a KV cache grows, so it has no end to count from. Pass "
-                "forward(..., lengths=..., padding_side='left') for left-padded prompts instead."
-            )
-        return self
-
-
-def _left_padding(mask: MaskMod) -> bool:
-    """Whether ``mask`` holds an unbound ``padding(side='left')`` anywhere (wrappers included)."""
-    for leaf in mask.leaves():
-        inner = getattr(leaf, "inner", None)
-        if isinstance(inner, MaskMod) and _left_padding(inner):
-            return True
-        if isinstance(leaf, _Padding) and leaf.side == "left" and leaf.start is None:
-            return True
-    return False

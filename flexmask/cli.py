@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .block import check, describe
+from .diagnose import check, describe
 from .expr import FACTORIES, parse_mask
 from .viz import save_mask_png
 

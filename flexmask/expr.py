@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from .convert import from_hf_attention_mask
 from .masks import (
     MaskMod,
     causal,
     chunked,
     document,
+    from_hf_attention_mask,
     full,
     packed,
     padding,

@@ -31,18 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import (
-    ScoreModFn,
-    dense_mask_for,
-    flex_attend,
-    masked_sdpa,
-    softmax_attention,
-)
-from .block import Coverage, DenseMask
-from .convert import from_hf_attention_mask, to_hf_4d
-from .masks import MaskMod, as_mask, causal, full, shifted, sliding_window
-from .sparse import sparse_attention
-from .tree import Tree
+from .candidates import Tree
+from .coverage import DenseMask, as_dense_mask
+from .dense import to_hf_4d
+from .dispatch import BACKENDS, Call, choose
+from .masks import MaskMod, as_mask, causal, from_hf_attention_mask, full, shifted, sliding_window
+from .runners import RUNNERS, MaskForms, Options, ScoreModFn
 
 try:
     from transformers import AttentionInterface
@@ -58,7 +52,6 @@ except ImportError as err:  # pragma: no cover - the hf extra is missing
 
 __all__ = ["HFMask", "TreeVerification", "register", "tree_inputs", "unregister", "verify_tree"]
 
-BACKENDS = ("auto", "flex", "sdpa", "sparse")
 _REGISTERED: dict[str, str] = {}  # name -> backend, for names flexmask registered
 # Transformers' own implementations, as the installed version lists them ("eager" is built into
 # every model and has a mask function only); read before flexmask registers anything.
@@ -94,8 +87,10 @@ def register(name: str = "flexmask", *, backend: str = "auto") -> str:
         backend: ``"flex"`` (compiled FlexAttention on flexmask's BlockMask), ``"sdpa"`` (SDPA
             with flexmask's dense mask), ``"sparse"`` (``flexmask.sparse_attention``: only the
             visited blocks, with backward, for long-sequence training on CPU) or ``"auto"``:
-            flex on CUDA, SDPA on CPU, where flex has no backward and compiles again for every
-            new length while generating.
+            the policy ``MultiheadFlexAttention`` uses (``flexmask.dispatch.choose``): flex on
+            CUDA; on CPU, SDPA for decoding steps and the sparse path or SDPA by cost otherwise
+            (never flex, which has no CPU backward and would compile again for every new length
+            of Transformers' growing caches).
 
     Example:
         >>> import flexmask.hf
@@ -199,32 +194,26 @@ def _attention_function(backend: str) -> Callable[..., tuple[Tensor, None]]:
     ) -> tuple[Tensor, None]:
         # query: [B, H, q_len, D]; key, value: [B, H_kv, kv_len, D]
         f = _Features.read(module, kwargs)
-        mask, dense, mask_bias = _layer_mask(attention_mask, f, query, key)
+        forms, mask_bias = _layer_forms(attention_mask, f, query, key)
         biases = [b for b in (f.bias, mask_bias) if b is not None]  # T5's, a float 4-D mask's
-        bias = biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else None)
-        use_flex = backend == "flex" or (backend == "auto" and query.device.type == "cuda")
-        if backend == "sparse" and (
-            f.softcap is not None or f.sinks is not None or bias is not None
-        ):
-            raise ValueError(
-                "flexmask backend 'sparse' runs SDPA on blocks and cannot apply soft-capping, "
-                "attention sinks or a position bias; register flexmask with backend='auto' or "
-                "'sdpa' for this model."
-            )
-        if mask is not None and backend == "sparse":
-            p = dropout if module.training else 0.0
-            out = sparse_attention(query, key, value, mask, scale=scaling, dropout_p=p)
-        elif mask is not None and use_flex and not dropout and f.sinks is None and bias is None:
-            out = flex_attend(query, key, value, mask, scale=scaling, score_mod=f.score_mod())
-        else:
-            if mask is not None:
-                dense = dense_mask_for(mask, query, key.shape[2])
-            if f.softcap is None and f.sinks is None and bias is None:
-                out = masked_sdpa(query, key, value, dense, dropout_p=dropout, scale=scaling)
-            else:
-                out = softmax_attention(query, key, value, dense, score_mod=f.score_mod(),
-                                        bias=bias, sinks=f.sinks, scale=scaling,
-                                        dropout_p=dropout)  # fmt: skip
+        options = Options(
+            scale=scaling,
+            dropout_p=dropout,  # Transformers passes 0 outside training
+            score_mod=f.score_mod(),
+            sinks=f.sinks,
+            bias=biases[0] + biases[1] if len(biases) == 2 else (biases[0] if biases else None),
+        )
+        call = Call(
+            q=query,
+            s_kv=key.shape[2],
+            needs_grad=torch.is_grad_enabled() and query.requires_grad,
+            dropout=dropout > 0,
+            score_mod=options.score_mod is not None,
+            softmax_only=options.softmax_only,
+            decoding=key.shape[2] > query.shape[2],  # past keys in Transformers' cache
+            shapes_vary=True,  # its caches grow by a token a step: flex would recompile
+        )
+        out = RUNNERS[choose(backend, call, forms)](query, key, value, forms, options)
         return out.transpose(1, 2).contiguous(), None  # [B, q_len, H, D], no weights
 
     return flexmask_attention
@@ -285,23 +274,24 @@ class _Features:
         return softcap
 
 
-def _layer_mask(
+def _layer_forms(
     attention_mask: Any, f: _Features, query: Tensor, key: Tensor
-) -> tuple[MaskMod | None, DenseMask | None, Tensor | None]:
-    """This layer's mask in local coordinates: a flexmask mask, or a dense mask (with the bias
-    an additive float mask carries) when the model handed a 4-D tensor."""
+) -> tuple[MaskForms, Tensor | None]:
+    """This layer's mask in local coordinates (and the bias an additive float 4-D mask
+    carries)."""
     q_len, kv_len = query.shape[2], key.shape[2]
     if f.override is not None:  # absolute positions: the queries end where the keys end
-        return _local(f.override, q_len, kv_len), None, None
+        return MaskForms(_local(f.override, q_len, kv_len)), None
     if isinstance(attention_mask, HFMask):
-        return attention_mask.mask, None, None  # the mask function applied causality, windows
+        return MaskForms(attention_mask.mask), None  # causality and windows are in it
     if attention_mask is None:
         mask = causal() if f.is_causal else full()
         if f.sliding_window is not None:
             mask = mask & _window(f.sliding_window, f.is_causal)
-        return _local(mask, q_len, kv_len), None, None
+        return MaskForms(_local(mask, q_len, kv_len)), None
     if isinstance(attention_mask, Tensor) and attention_mask.dim() == 4:
-        return None, *_dense_4d(attention_mask[..., :kv_len])
+        dense, bias = _dense_4d(attention_mask[..., :kv_len])
+        return MaskForms(dense=dense), bias
     raise TypeError(
         f"flexmask attention got an attention_mask of type {type(attention_mask).__name__}; "
         "pass a 2-D padding mask, a 4-D mask, or flexmask_mask=..."
@@ -336,7 +326,7 @@ def _dense_4d(mask: Tensor) -> tuple[DenseMask, Tensor | None]:
     attend, ``finfo.min`` or ``-inf`` to mask, other values added to the scores: returned as a
     bias). Integer masks are refused: 0/1 read as additive would invert them silently."""
     if mask.dtype == torch.bool:
-        return DenseMask(mask, Coverage.of_dense(mask)), None
+        return as_dense_mask(mask), None  # type: ignore[return-value]
     if not mask.dtype.is_floating_point:
         raise TypeError(
             f"flexmask attention got a 4-D attention_mask of dtype {mask.dtype}; Transformers "
@@ -346,7 +336,7 @@ def _dense_4d(mask: Tensor) -> tuple[DenseMask, Tensor | None]:
         )
     allowed = mask > torch.finfo(mask.dtype).min
     bias = mask.where(allowed, 0.0)
-    return DenseMask(allowed, Coverage.of_dense(allowed)), bias if bool(bias.any()) else None
+    return as_dense_mask(allowed), bias if bool(bias.any()) else None  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Block-sparse attention from a BlockMask with dense kernels: runs (and trains) on CPU.
+"""``sparse_attention``: block-sparse attention from a BlockMask with dense kernels, on CPU too.
 
 Every query block attends to the key blocks its BlockMask row visits. Query blocks are grouped
 into *runs* that one ``scaled_dot_product_attention`` call computes: rows visiting the same
@@ -19,8 +19,6 @@ autograd can differentiate again.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .block import _LRU, block_mask_for, block_mask_key, coverage
-from .convert import block_kinds, evaluate_tiles
+from .block import block_mask_for
+from .coverage import coverage
 from .masks import MaskModFn, as_mask
+from .sparse_plan import Plan, plan
 
 __all__ = ["sparse_attention"]
 
@@ -79,8 +78,8 @@ def sparse_attention(
         mask = block_mask_for(m, q, s_kv, block_size=block_size)
     _check_block_mask(mask, bsz, nh, s_q, s_kv)
 
-    plan = _plan(mask)
-    mb, mh, nqb, nkvb = plan.shape
+    the_plan = plan(mask)
+    mb, mh, nqb, nkvb = the_plan.shape
     qbs, kvbs = mask.BLOCK_SIZE
     if mh == nh and nkv != nh:  # per-head mask: one key head per query head
         k = k.repeat_interleave(nh // nkv, dim=1)
@@ -91,11 +90,11 @@ def sparse_attention(
     q_rows = _mask_rows(q, mb, mh, nqb * qbs)  # [Bm*Hm, hs, QB*qbs, D]
     k_rows = _mask_rows(k, mb, mh, nkvb * kvbs)
     v_rows = _mask_rows(v, mb, mh, nkvb * kvbs)
-    if not plan.runs:  # nothing visible: zeros, still in the graph so that gradients are zeros
+    if not the_plan.runs:  # nothing visible: zeros, still in the graph so that gradients are zeros
         inputs = q.sum() + k.sum() + v.sum()
         never = torch.zeros((), dtype=torch.bool, device=q.device)
         return q.new_zeros(q.shape) + torch.where(never, inputs, 0.0)
-    args = (plan, (qbs, kvbs), scale, dropout_p)
+    args = (the_plan, (qbs, kvbs), scale, dropout_p)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q_rows, k_rows, v_rows)):
         result = _SparseRuns.apply(q_rows, k_rows, v_rows, *args)
     else:
@@ -107,7 +106,7 @@ def _attend_runs(
     q_rows: Tensor,
     k_rows: Tensor,
     v_rows: Tensor,
-    plan: _Plan,
+    plan: Plan,
     sizes: tuple[int, int],
     scale: float | None,
     dropout_p: float,
@@ -184,7 +183,7 @@ class _SparseRuns(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, q_rows: Tensor, k_rows: Tensor, v_rows: Tensor, plan: _Plan,
+        ctx: Any, q_rows: Tensor, k_rows: Tensor, v_rows: Tensor, plan: Plan,
         sizes: tuple[int, int], scale: float | None, dropout_p: float,
     ) -> Tensor:  # fmt: skip
         device = q_rows.device
@@ -248,7 +247,7 @@ def _set_rng_state(device: torch.device, state: Tensor) -> None:
 
 
 def _accumulate(
-    plan: _Plan,
+    plan: Plan,
     sizes: tuple[int, int],
     graphs: list[tuple[Tensor, ...]],
     grad: Tensor,
@@ -284,116 +283,6 @@ def _accumulate(
     return gq, gk, gv, None, None, None, None
 
 
-@dataclass
-class _Run:
-    """Query blocks ``qb [n]`` of mask row ``row`` attending to key blocks ``blocks [n, c]``."""
-
-    row: int
-    qb: Tensor
-    q_view: tuple[int, int] | None  # see _view
-    blocks: Tensor
-    kv_view: tuple[int, int] | None
-    allowed: Tensor | None  # [n, 1, qbs, c*kvbs] with blind queries opened; None: all full
-    blind: Tensor | None  # [n, 1, qbs, 1] queries that see no key, None when there are none
-    merged: bool  # rows computed as one query sequence; allowed, blind: [1, 1, n*qbs, ...]
-    additive: dict[torch.dtype, Tensor] = field(default_factory=dict)
-
-    def attn_mask(self, dtype: torch.dtype) -> Tensor | None:
-        """``allowed`` as an additive mask (SDPA converts a boolean one on every call)."""
-        if self.allowed is None:
-            return None
-        if dtype not in self.additive:
-            with torch.inference_mode(False):  # kept with the plan: may serve training later
-                zero = torch.zeros((), dtype=dtype, device=self.allowed.device)
-                self.additive[dtype] = zero.masked_fill(~self.allowed, float("-inf"))
-        return self.additive[dtype]
-
-
-@dataclass(frozen=True)
-class _Plan:
-    shape: tuple[int, int, int, int]  # the BlockMask's [Bm, Hm, QB, KVB]
-    runs: list[_Run]
-    order: Tensor | None  # the rows the runs' outputs fill; None: all rows in order
-    density: float  # the fraction of the BlockMask's blocks that are visited
-    gathered: float  # the fraction of visited blocks that are copied, not viewed
-
-    @property
-    def cost(self) -> float:
-        """The sparse path's cost relative to dense SDPA over every block, as
-        ``MultiheadFlexAttention(backend="auto")`` estimates it: gathered blocks count twice
-        (measured: copies, and non-consecutive blocks come with partial blocks on both sides)."""
-        return self.density * (1.0 + self.gathered)
-
-
-_PLANS = _LRU(16)
-
-
-def _plan(bm: BlockMask) -> _Plan:
-    """The runs a BlockMask is computed in, with their element masks; cached per BlockMask (while
-    its mask's key stands), so every layer and training step that reuses a BlockMask evaluates
-    its mask_mod once. Built outside inference mode: a plan made during evaluation serves
-    training later."""
-    key = block_mask_key(bm)
-    hit = None if key is None else _PLANS.get_recent(key)
-    if isinstance(hit, tuple) and hit[0] is bm:
-        return hit[1]
-    with torch.inference_mode(False), torch.no_grad():
-        plan = _make_plan(bm)
-    if key is not None:
-        _PLANS.put(key, (bm, plan))
-    return plan
-
-
-def _make_plan(bm: BlockMask) -> _Plan:
-    kinds = block_kinds(bm)  # [Bm, Hm, QB, KVB]: 0 empty, 1 partial, 2 full
-    mb, mh, nqb, nkvb = kinds.shape
-    flat = kinds.flatten(0, 1)
-    visited = flat > 0
-    counts = visited.sum(-1)
-    first = visited.to(torch.int8).argmax(-1)
-    last = nkvb - 1 - visited.flip(-1).to(torch.int8).argmax(-1)
-    contiguous = last - first + 1 == counts
-    runs, done = [], []
-    for r in range(mb * mh):
-        for qb, blocks in _runs(visited[r], counts[r], first[r], contiguous[r]):
-            allowed = _element_mask(bm, flat[r], r, qb, blocks, mh)
-            blind = None
-            if allowed is not None:
-                seen = allowed.any(-1, keepdim=True)
-                if not bool(seen.all()):
-                    # SDPA would give NaN on a row with no key: open it, zero it afterwards.
-                    allowed, blind = allowed | ~seen, ~seen
-            q_view, kv_view = _view(qb[:, None]), _view(blocks)
-            merged = len(qb) > 1 and q_view is not None and q_view[1] == 1 and kv_view is not None \
-                and kv_view[1] == 0  # fmt: skip
-            if merged:
-                allowed, blind = (None if t is None else t.view(1, 1, -1, t.shape[-1])
-                                  for t in (allowed, blind))  # fmt: skip
-            runs.append(_Run(r, qb, q_view, blocks, kv_view, allowed, blind, merged))
-            done.append(r * nqb + qb)
-    order: Tensor | None = torch.cat(done) if done else kinds.new_zeros(0, dtype=torch.long)
-    everything = torch.arange(mb * mh * nqb, device=kinds.device)
-    if order is not None and order.shape == everything.shape and bool((order == everything).all()):
-        order = None
-    sizes = [run.blocks.numel() for run in runs]
-    total = max(1, sum(sizes))
-    gathered = sum(n for n, run in zip(sizes, runs, strict=True) if run.kv_view is None) / total
-    density = float(visited.float().mean()) if visited.numel() else 0.0
-    return _Plan((mb, mh, nqb, nkvb), runs, order, density, gathered)
-
-
-def _view(blocks: Tensor) -> tuple[int, int] | None:
-    """``(first block, step)`` when each row of ``blocks [n, c]`` is consecutive and the rows'
-    first blocks advance by a constant step (the rows are strided windows of one tensor)."""
-    starts = blocks[:, 0]
-    step = int(starts[1] - starts[0]) if len(starts) > 1 else 0
-    if step < 0 or not bool((blocks.diff(dim=1) == 1).all()):
-        return None
-    if len(starts) > 2 and not bool((starts.diff() == step).all()):
-        return None
-    return int(starts[0]), step
-
-
 def _take(x: Tensor, blocks: Tensor, view: tuple[int, int] | None, bs: int) -> Tensor:
     """Blocks of ``x [hs, L, D]`` side by side per row: ``blocks [n]`` or ``[n, c]`` ->
     ``[n, hs, c*bs, D]``; a strided view (no copy) when ``view`` is known, else a gather."""
@@ -424,70 +313,6 @@ def _unblock(rows: Tensor, bsz: int, nh: int, mb: int, mh: int, nqb: int, qbs: i
     dim = rows.shape[-1]
     x = rows.view(mb, mh, nqb, bsz // mb, nh // mh, qbs, dim)
     return x.permute(0, 3, 1, 4, 2, 5, 6).reshape(bsz, nh, nqb * qbs, dim)
-
-
-def _runs(
-    visited: Tensor, counts: Tensor, first: Tensor, contiguous: Tensor
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Query blocks of one mask row grouped for one SDPA call each: ``(qb [n], blocks [n, c])``.
-
-    Rows visiting ``c`` consecutive key blocks whose query and key starts advance by constant
-    steps form a run that strided views reach without copying (a sliding window is one run per
-    count, documents one per document or per count); the other rows are gathered by count.
-    """
-    ar = torch.arange(visited.shape[-1], device=visited.device)
-    for c in torch.unique(counts[counts > 0]).tolist():
-        rows = ((counts == c) & contiguous).nonzero().flatten()
-        if rows.numel():
-            starts = first[rows]
-            for a, b in _constant_steps(rows.tolist(), starts.tolist()):
-                yield rows[a:b], starts[a:b, None] + ar[:c]
-        rows = ((counts == c) & ~contiguous).nonzero().flatten()
-        if rows.numel():
-            order = torch.argsort(visited[rows].to(torch.int8), dim=-1, descending=True,
-                                  stable=True)  # fmt: skip
-            yield rows, order[:, :c]
-
-
-def _constant_steps(xs: list[int], ys: list[int]) -> Iterator[tuple[int, int]]:
-    """Split ``range(len(xs))`` into maximal runs along which ``(x, y)`` advances by one step."""
-    a, n = 0, len(xs)
-    while a < n:
-        b = a + 1
-        if b < n:
-            step = (xs[b] - xs[a], ys[b] - ys[a])
-            while b + 1 < n and (xs[b + 1] - xs[b], ys[b + 1] - ys[b]) == step:
-                b += 1
-            b += 1
-        yield a, b
-        a = b
-
-
-def _element_mask(
-    bm: BlockMask, kinds: Tensor, row: int, qb: Tensor, blocks: Tensor, mask_heads: int
-) -> Tensor | None:
-    """``BoolTensor[n, 1, qbs, c*kvbs]`` over the keys of ``_take(k, blocks)`` for query blocks
-    ``qb`` of mask row ``row`` (``kinds``: its ``[QB, KVB]`` classes), or None when every block
-    is full: the BlockMask's ``mask_mod`` is evaluated on partial blocks only."""
-    qbs, kvbs = bm.BLOCK_SIZE
-    s_q, s_kv = bm.seq_lengths
-    n, c = blocks.shape
-    kind = kinds[qb[:, None], blocks]  # [n, c]
-    kv_start = blocks * kvbs
-    if bool((kind == 2).all()) and not bool((kv_start + kvbs > s_kv).any()):
-        return None
-    allowed = (kind == 2)[:, None, :, None].expand(n, qbs, c, kvbs).clone()
-    part_r, part_c = (kind == 1).nonzero(as_tuple=True)
-    if part_r.numel():
-        values = evaluate_tiles(
-            bm.mask_mod,
-            torch.full_like(part_r, row // mask_heads), torch.full_like(part_r, row % mask_heads),
-            qb[part_r] * qbs, kv_start[part_r, part_c], qbs, kvbs, s_q, s_kv,
-        )  # fmt: skip
-        allowed[part_r, :, part_c, :] = values
-    kv_pos = kv_start[:, :, None] + torch.arange(kvbs, device=blocks.device)
-    allowed &= (kv_pos < s_kv)[:, None]  # keys past the sequence (a cut last block)
-    return allowed.view(n, 1, qbs, c * kvbs)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:

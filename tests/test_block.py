@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 import flexmask as fm
-from flexmask.convert import block_kinds
+from flexmask.evaluation import block_kinds
 from tests import reference as ref
 from tests.test_masks import CASES, expressions
 

@@ -297,3 +297,19 @@ def test_decoding_64_tokens_compiles_a_bounded_number_of_times():
             model(tok, torch.tensor([[i]]), fm.sliding_window(8), caches)
     assert counters["stats"]["unique_graphs"] == 0  # 63 more steps, no recompile
     assert caches[0].lengths.tolist() == [80]
+
+
+def test_a_cache_is_a_module_that_moves_and_saves_with_its_model():
+    cache = fm.KVCache(2, 8, KV_HEADS, DIM // HEADS)
+    with torch.no_grad():
+        ATTN(X, mask=fm.causal(), cache=cache, lengths=torch.tensor([3, 2]))
+    holder = nn.Module()
+    holder.cache = cache  # a model holding its caches
+    state = {k: v.clone() for k, v in holder.state_dict().items()}
+    assert set(state) == {"cache.k", "cache.v", "cache.lengths"}
+    holder.half()
+    assert cache.k.dtype == cache.v.dtype == torch.float16 and cache.lengths.dtype == torch.long
+    fresh = fm.KVCache(2, 8, KV_HEADS, DIM // HEADS)
+    fresh.load_state_dict({k.removeprefix("cache."): v for k, v in state.items()})
+    assert torch.equal(fresh.k, state["cache.k"]) and fresh.lengths.tolist() == [3, 2]
+    assert repr(fresh).startswith("KVCache(batch=2, max_len=8, num_kv_heads=2, head_dim=8")

@@ -86,7 +86,7 @@ def test_block_mask_to_dense_matches_oracle(name):
     bm = fm.block_mask(mask, 200, 130, block_size=64, device="cpu", compile=False)
     dense = fm.block_mask_to_dense(bm)
     assert torch.equal(dense[:, 0], oracle)
-    assert torch.equal(fm.convert.block_kinds(bm)[:, 0], ref.block_kinds(oracle, 64))
+    assert torch.equal(fm.evaluation.block_kinds(bm)[:, 0], ref.block_kinds(oracle, 64))
 
 
 def test_unbound_left_padding_says_how_to_fix():

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import flexmask as fm
-import flexmask.attention as attention_module
-from flexmask.sparse import _PLANS
+import flexmask.dispatch as dispatch
+from flexmask.sparse_plan import _PLANS
 from tests import reference as ref
 from tests.test_attention import E, H, _dense4, golden, masks_and_oracles
 from tests.test_masks import expressions
@@ -108,13 +108,13 @@ def test_per_head_block_mask_and_shared_batch_row():
 
 def test_block_mask_evaluated_once_per_block_mask(monkeypatch):
     calls = []
-    evaluate = fm.sparse.evaluate_tiles
+    evaluate = fm.sparse_plan.evaluate_tiles
 
     def counted(*args):
         calls.append(1)
         return evaluate(*args)
 
-    monkeypatch.setattr(fm.sparse, "evaluate_tiles", counted)
+    monkeypatch.setattr(fm.sparse_plan, "evaluate_tiles", counted)
     bm = fm.block_mask(fm.causal() & fm.padding([50]), 64, block_size=16, device="cpu")
     q = torch.randn(1, 2, 64, 8)
     first = fm.sparse_attention(q, q, q, bm)
@@ -181,8 +181,8 @@ def test_sparse_backend_with_a_cache_matches_sdpa():
     [
         (None, False, "sdpa"),
         (fm.full(), True, "sdpa"),
-        (fm.causal(), True, "sdpa_causal"),
-        (fm.causal(), False, "sdpa_causal"),
+        (fm.causal(), True, "sdpa"),  # SDPA's is_causal kernel
+        (fm.causal(), False, "sdpa"),
         (fm.sliding_window(16), True, "sparse"),  # density 0.13 at 256 tokens
         (fm.packed([64] * 4) & fm.causal(), False, "sparse"),  # 0.16
         (fm.causal() & fm.padding([256, 200]), True, "sparse"),  # 0.44
@@ -192,17 +192,17 @@ def test_sparse_backend_with_a_cache_matches_sdpa():
 def test_auto_dispatch_on_cpu(mask, grad, expected):
     module = fm.MultiheadFlexAttention(E, H, block_size=32)
     module.requires_grad_(grad)
-    q = torch.zeros(2, H, 256, E // H)
-    assert module._choose_backend(q, mask, 256) == expected
+    assert module.backend_for(torch.zeros(2, 256, E), mask=mask) == expected
+    assert expected in dispatch.BACKENDS  # what backend= takes
 
 
 def test_auto_dispatch_threshold_can_be_overridden():
-    q = torch.zeros(2, H, 256, E // H)
+    x = torch.zeros(2, 256, E)
     mask = fm.causal() & fm.padding([256, 200])  # density 0.44
-    assert fm.MultiheadFlexAttention(E, H, block_size=32)._choose_backend(q, mask, 256) == "sparse"
+    assert fm.MultiheadFlexAttention(E, H, block_size=32).backend_for(x, mask=mask) == "sparse"
     strict = fm.MultiheadFlexAttention(E, H, block_size=32, sparse_max_density=0.3)
-    assert strict._choose_backend(q, mask, 256) == "sdpa"
-    assert attention_module.SPARSE_MAX_DENSITY > 0.3
+    assert strict.backend_for(x, mask=mask) == "sdpa"
+    assert dispatch.SPARSE_MAX_DENSITY > 0.3
 
 
 @pytest.mark.parametrize("name", ["none", "causal", "causal_padding", "documents"])
@@ -257,7 +257,7 @@ def test_sparse_dropout_only_while_training():
 def test_backend_for_says_what_forward_runs():
     module = fm.MultiheadFlexAttention(E, H, block_size=16)
     x = torch.randn(2, 64, E)
-    assert module.backend_for(x, mask=fm.causal()) == "sdpa_causal"
+    assert module.backend_for(x, mask=fm.causal()) == "sdpa"  # its is_causal kernel
     assert module.backend_for(x, torch.randn(2, 48, E), mask=fm.causal()) == "sparse"
     assert module.backend_for(x, mask=fm.packed([32, 32]) & fm.causal()) == "sparse"
     assert module.backend_for(x) == "sdpa"

@@ -9,8 +9,9 @@ import torch
 from torch._dynamo.utils import counters
 
 import flexmask as fm
-from flexmask.block import cached_dense
-from flexmask.sparse import _plan
+from flexmask.coverage import cached_dense
+from flexmask.runners import RUNNERS, MaskForms, Options, flex, masked_sdpa
+from flexmask.sparse_plan import plan
 from tests import reference as ref
 from tests.test_attention import E, H, assert_close, golden
 
@@ -43,12 +44,12 @@ def test_nothing_cached_under_inference_mode_is_an_inference_tensor():
         lengths = torch.tensor([300, 120])  # an inference tensor, captured by the mask
         mask = fm.causal() & fm.padding(lengths) & fm.packed([150, 150])
         bm = fm.block_mask(mask, 300, block_size=64, device="cpu")
-        plan = _plan(bm)
+        runs = plan(bm)
         dense = cached_dense(mask, 300, 300, batch=2, heads=1, device=torch.device("cpu"))
-        additive = [run.attn_mask(torch.float32) for run in plan.runs]
+        additive = [run.attn_mask(torch.float32) for run in runs.runs]
     held = [*mask.tensors(), *(t for t in bm.as_tuple() if isinstance(t, torch.Tensor))]
     held += [dense.allowed, dense.coverage.rows, dense.coverage.hidden_k]
-    held += [t for run in plan.runs for t in (run.allowed, run.blind) if t is not None]
+    held += [t for run in runs.runs for t in (run.allowed, run.blind) if t is not None]
     held += [t for t in additive if t is not None]
     assert held and not any(t.is_inference() for t in held)
 
@@ -192,7 +193,7 @@ def test_nan_where_the_mask_hides_everything_stays_out(run):
     def attend(q, k, v):
         if run == "sparse":
             return fm.sparse_attention(q, k, v, mask, block_size=16)
-        return fm.attention.masked_sdpa(q, k, v, oracle)
+        return masked_sdpa(q, k, v, oracle)
 
     results = []
     for nan in (True, False):
@@ -241,7 +242,7 @@ def test_flex_keeps_nan_at_the_pads_out():
         poisoned = [t.clone() for t in (q, k, v)]
         for t in poisoned:
             t[1, :, 70:] = float("nan")
-        out = fm.attention.flex_attend(*poisoned, mask)
+        out = flex(*poisoned, MaskForms(mask), Options())
     assert bool(out.isfinite().all()) and bool((out[1, :, 70:] == 0).all())
     want = ref.attention(q.double(), k.double(), v.double(), oracle)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
@@ -265,13 +266,14 @@ def raising(b, h, q_idx, kv_idx):
 
 
 def _kernel_fails(cache):
-    module = fm.MultiheadFlexAttention(32, 4, num_kv_heads=2, backend="sdpa")
-
     def boom(*args):
         raise RuntimeError("the kernel failed")
 
-    module._run = boom
-    return module(torch.randn(2, 1, 32), mask=fm.causal(), cache=cache)
+    sdpa, RUNNERS["sdpa"] = RUNNERS["sdpa"], boom
+    try:
+        return ATTN(torch.randn(2, 1, 32), mask=fm.causal(), cache=cache)
+    finally:
+        RUNNERS["sdpa"] = sdpa
 
 
 STEP = torch.randn(2, 1, 32)

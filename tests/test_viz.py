@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import flexmask as fm
-from flexmask.convert import tile_counts
+from flexmask.evaluation import tile_counts
 from flexmask.masks import Tiles
 from flexmask.viz import mask_picture, score_weights
 from tests import reference as ref

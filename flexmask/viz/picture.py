@@ -17,7 +17,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from .._checks import check_block_size, check_int, check_lengths
-from ..convert import block_mask_to_dense, evaluate_tiles, tile_counts
+from ..dense import block_mask_to_dense
+from ..evaluation import evaluate_tiles, tile_counts
 from ..masks import MaskMod, MaskModFn, as_mask
 
 __all__ = ["MaskPicture", "mask_picture", "score_weights", "to_ascii"]
@@ -160,7 +161,7 @@ def check_mask_args(
 
 def check_index(value: object, n: int, name: str, what: str, shared: bool = False) -> int:
     """A row/head index in ``[0, n)``; with ``shared``, a size-1 dimension serves every index."""
-    value = check_int(value, name, minimum=0)
+    value = check_int(value, name, minimum=0, expected="an int >= 0")
     if shared and n == 1:
         return 0
     if value >= n:

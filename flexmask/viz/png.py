@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from .._checks import check_int
-from ..convert import block_kinds
+from ..evaluation import block_kinds
 from ..masks import MaskMod, MaskModFn, as_mask
 from .picture import (
     MaskPicture,

@@ -1,4 +1,4 @@
-"""Trees of candidate tokens (speculative decoding, beam-like search) verified in one pass.
+"""``Tree``: candidate tokens (speculative decoding, beam-like search) verified in one pass.
 
 Candidates that share a prefix share nodes; the tree is flattened so each node comes after its
 parent. In one forward pass over ``context + tree`` each node sees the context and its own
@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .masks import MaskMod, _int_tensor, _positive_int, tree
+from ._checks import check_int, int_tensor
+from .masks import MaskMod, tree
 
 __all__ = ["Tree"]
 
@@ -90,12 +91,12 @@ class Tree:
         """Any tree given by parent indices (-1 = root, each parent before its child); identical
         sibling nodes are kept. ``tokens`` default to zeros (a mask-only tree)."""
         _check_no_cycle(parents)
-        p = _int_tensor(parents, "Tree.from_parents(parents=...)", ranks=(1,))
+        p = int_tensor(parents, "Tree.from_parents(parents=...)", ranks=(1,))
         tree(p)  # the tree() factory's checks: non-empty, -1 <= parent < child
         if tokens is None:
             toks = torch.zeros_like(p)
         else:
-            toks = _int_tensor(tokens, "Tree.from_parents(tokens=...)", ranks=(1,))
+            toks = int_tensor(tokens, "Tree.from_parents(tokens=...)", ranks=(1,))
             if toks.numel() != p.numel():
                 raise ValueError(
                     f"Tree.from_parents: {toks.numel()} tokens for {p.numel()} nodes; give one "
@@ -140,7 +141,7 @@ class Tree:
 
     def position_ids(self, context_len: int = 0) -> Tensor:
         """``context_len + depth``: each node at the position it has on its own path."""
-        return _positive_int(context_len, "Tree.position_ids(context_len=...)", 0) + self.depth
+        return check_int(context_len, "Tree.position_ids(context_len=...)", minimum=0) + self.depth
 
     def mask(self, context_len: int = 0) -> MaskMod:
         """The ``tree(parents, context_len)`` mask: the context causal, each node seeing the

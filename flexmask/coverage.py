@@ -1,0 +1,128 @@
+"""``Coverage``: the queries that see nothing and the keys nobody sees, which attention zeroes
+so that NaN there stays out; and the dense masks the SDPA backend takes, with theirs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from ._lru import LRU
+from .dense import to_dense
+from .evaluation import allowed_counts, block_kinds
+from .masks import MaskMod
+
+__all__ = ["Coverage", "DenseMask", "as_dense_mask", "block_mask_key", "cached_dense", "coverage"]
+
+_DENSE_MASKS = LRU("dense", 4)  # dense masks are q_len x kv_len bytes each: keep few
+_COVERAGE = LRU("coverage", 16)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Which queries see some key, and which queries and keys to zero before attention: those
+    the mask hides from everyone, among those a kernel computes (every one for dense SDPA, those
+    in visited blocks for a BlockMask). Zeroing them changes nothing, except that NaN there
+    (padding) can no longer reach real rows or gradients: ``0 * NaN`` is NaN in the matmuls.
+
+    Each is ``[B, H, S]`` bool, with B and H of 1 or the mask's.
+    """
+
+    rows: Tensor  # the query sees some key
+    hidden_q: Tensor  # a query that sees nothing, computed all the same
+    hidden_k: Tensor  # a key that no query sees, computed all the same
+    complete: bool  # nothing to zero
+
+    @classmethod
+    def of(cls, rows: Tensor, hidden_q: Tensor, hidden_k: Tensor) -> Coverage:
+        return cls(rows, hidden_q, hidden_k, not (bool(hidden_q.any()) or bool(hidden_k.any())))
+
+    @classmethod
+    def of_dense(cls, dense: Tensor) -> Coverage:
+        """Of a dense mask ``[B, H, Q, KV]``: SDPA computes every query and key."""
+        rows = dense.any(-1)
+        return cls.of(rows, ~rows, ~dense.any(-2))
+
+    def hide(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``q [B, H, S, D]``, ``k`` and ``v [B, H_kv, S_kv, D]`` with the hidden queries and keys
+        zeroed (the inputs themselves when nothing needs it)."""
+        if self.complete:
+            return q, k, v
+        hidden_k = self.hidden_k
+        if hidden_k.shape[1] not in (1, k.shape[1]):  # per query head: a key head serves a group
+            hidden_k = hidden_k.view(hidden_k.shape[0], k.shape[1], -1, hidden_k.shape[-1]).all(2)
+        return _zeroed(q, self.hidden_q), _zeroed(k, hidden_k), _zeroed(v, hidden_k)
+
+
+@dataclass(frozen=True)
+class DenseMask:
+    """A dense boolean mask ``[B, H, Q, KV]`` (True = may attend) with its coverage."""
+
+    allowed: Tensor
+    coverage: Coverage
+
+
+def as_dense_mask(mask: DenseMask | Tensor | None) -> DenseMask | None:
+    """A ``DenseMask`` from a boolean tensor (True = may attend), or as it is."""
+    if mask is None or isinstance(mask, DenseMask):
+        return mask
+    return DenseMask(mask, Coverage.of_dense(mask))
+
+
+def cached_dense(
+    mask: MaskMod, q_len: int, kv_len: int, *, batch: int, heads: int, device: torch.device
+) -> DenseMask:
+    """``to_dense`` for the SDPA backend, cached like BlockMasks: every layer of a model reuses
+    the mask the first layer built (callers must not modify the result)."""
+    mask_key = mask.cache_key()
+    key = None if mask_key is None else (mask_key, q_len, kv_len, batch, heads, str(device))
+    hit = _DENSE_MASKS.get_recent(key)
+    if isinstance(hit, DenseMask):
+        return hit
+    with torch.inference_mode(False):  # kept: may serve a training step later
+        allowed = to_dense(mask, q_len, kv_len, batch=batch, heads=heads, device=device)
+        dense = DenseMask(allowed, Coverage.of_dense(allowed))
+    _DENSE_MASKS.put(key, dense)
+    return dense
+
+
+def coverage(bm: BlockMask) -> Coverage:
+    """The ``Coverage`` of a BlockMask: full blocks counted, its ``mask_mod`` evaluated on partial
+    blocks only; cached per BlockMask while its mask's key stands (``MaskMod.cache_key``)."""
+    key = block_mask_key(bm)
+    hit = _COVERAGE.get_recent(key)
+    if isinstance(hit, tuple) and hit[0] is bm:
+        return hit[1]
+    q_len, kv_len = bm.seq_lengths
+    qbs, kvbs = bm.BLOCK_SIZE
+    with torch.inference_mode(False), torch.no_grad():
+        kinds = block_kinds(bm)
+        rows, keys = allowed_counts(bm, kinds)
+        visited = kinds > 0  # only what a block-sparse kernel computes can carry NaN in
+        q_computed = visited.any(-1).repeat_interleave(qbs, -1)[..., :q_len]
+        k_computed = visited.any(-2).repeat_interleave(kvbs, -1)[..., :kv_len]
+        result = Coverage.of(rows > 0, (rows == 0) & q_computed, (keys == 0) & k_computed)
+    _COVERAGE.put(key, (bm, result))
+    return result
+
+
+def _zeroed(x: Tensor, flags: Tensor) -> Tensor:
+    """``x [B, H, S, D]`` with the positions of ``flags [B or 1, H or 1, S]`` zeroed."""
+    flags = flags.expand(x.shape[0], x.shape[1], -1)
+    if x.device.type != "cpu":  # no host sync on accelerators: one pass at memory bandwidth
+        return x.masked_fill(flags[..., None], 0.0)
+    index = flags.nonzero(as_tuple=True)
+    if not index[0].numel() or bool(x[index].isfinite().all()):
+        return x  # finite values under a zero probability (or gradient) change nothing
+    return x.index_put(index, x.new_zeros(()))
+
+
+def block_mask_key(bm: BlockMask) -> tuple[object, ...] | None:
+    """A cache key for results derived from a BlockMask (its identity and its mask's key; the
+    cache must hold ``bm`` itself so that the identity stays unique), or None when its
+    ``mask_mod`` is not a flexmask mask that can be keyed."""
+    mask = bm.mask_mod
+    mask_key = mask.cache_key() if isinstance(mask, MaskMod) else None
+    return None if mask_key is None else (id(bm), mask_key)

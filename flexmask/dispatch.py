@@ -1,0 +1,175 @@
+"""The one backend policy: the facts of a call in, a backend out, each rule a named predicate.
+
+``MultiheadFlexAttention`` (with and without a KV cache) and the Transformers adapter both call
+``choose``. With ``backend="auto"`` the first rule that answers decides; an explicit backend is
+checked against what it can do, and refused with a reason when it cannot. What a rule needs to
+decide (the BlockMask and its sparse plan) is built once, in the call's ``MaskForms``, and the
+runner reuses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from .runners import MaskForms
+from .sparse_plan import plan
+
+__all__ = ["BACKENDS", "SPARSE_MAX_DENSITY", "Backend", "Call", "choose"]
+
+Backend = Literal["flex", "sdpa", "sparse"]
+BACKENDS: tuple[str, ...] = ("auto", *get_args(Backend))
+SPARSE_MAX_DENSITY = 0.85
+"""``auto`` on CPU runs the sparse path when the BlockMask's visited fraction of blocks (gathered
+blocks counted twice, ``flexmask.sparse.Plan.cost``) is at most this, SDPA with the dense mask
+above it. Chosen from ``benchmarks/dispatch.py`` (BENCHMARKS.md); override it per module with
+``MultiheadFlexAttention(sparse_max_density=...)``."""
+FLEX_DTYPES_CPU = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Call:
+    """The facts of one attention call that decide its backend."""
+
+    q: Tensor  # [B, H, S, D]: device, dtype, query count
+    s_kv: int
+    needs_grad: bool  # autograd will run through this call
+    dropout: bool  # attention dropout is on
+    score_mod: bool  # scores modified element by element (a score_mod, soft-capping)
+    softmax_only: bool  # sinks or an additive bias: only the explicit softmax applies them
+    decoding: bool  # queries after a KV cache (flexmask's, or Transformers' past keys)
+    shapes_vary: bool  # a new shape every call (Transformers' growing caches): flex recompiles
+    max_density: float = SPARSE_MAX_DENSITY
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.q.device.type == "cpu"
+
+    @property
+    def flex_runs(self) -> bool:
+        """FlexAttention can compute this call: no dropout; on CPU, no backward and one of its
+        dtypes; and shapes that stay (each new one is a compile of seconds)."""
+        cpu_ok = not self.needs_grad and self.q.dtype in FLEX_DTYPES_CPU and not self.shapes_vary
+        return not self.dropout and (not self.on_cpu or cpu_ok)
+
+
+Rule = Callable[[Call, MaskForms], Backend | None]
+
+
+def only_a_dense_mask(call: Call, forms: MaskForms) -> Backend | None:
+    """A 4-D tensor mask from Transformers has no structure for flex or the sparse path."""
+    return "sdpa" if forms.dense_only else None
+
+
+def nothing_to_mask(call: Call, forms: MaskForms) -> Backend | None:
+    """No mask, or ``full()``: SDPA without a mask."""
+    return "sdpa" if forms.none and not call.score_mod and not call.softmax_only else None
+
+
+def square_causal(call: Call, forms: MaskForms) -> Backend | None:
+    """``causal()`` with as many queries as keys: SDPA's ``is_causal`` kernel skips the upper
+    triangle and was fastest in every causal case of ``make bench`` (BENCHMARKS.md)."""
+    plain = not call.score_mod and not call.softmax_only
+    return "sdpa" if plain and forms.causal(call.q, call.s_kv) else None
+
+
+def scores_need_softmax(call: Call, forms: MaskForms) -> Backend | None:
+    """Sinks and biases act on the whole row of scores: only the explicit softmax has them."""
+    return "sdpa" if call.softmax_only else None
+
+
+def score_mod_where_flex_runs(call: Call, forms: MaskForms) -> Backend | None:
+    """A score_mod runs in flex's kernel where flex can run, else in the explicit softmax."""
+    if not call.score_mod:
+        return None
+    return "flex" if call.flex_runs else "sdpa"
+
+
+def cpu_decoding(call: Call, forms: MaskForms) -> Backend | None:
+    """Decoding on CPU: the dense step mask is only ``S x max_len``, and benchmarks/decode.py
+    measured SDPA faster than flex in 11 of 12 decode cases (up to 2.2x), 6% slower in the
+    last (``benchmarks/results/decode.md``)."""
+    return "sdpa" if call.on_cpu and call.decoding else None
+
+
+def cpu_sparse_or_dense(call: Call, forms: MaskForms) -> Backend | None:
+    """On CPU, the sparse path where its cost (blocks visited, gathered ones counted twice) is
+    at most ``max_density``, dense SDPA above: benchmarks/dispatch.py measured it 1.6-3.7x faster
+    than dense SDPA up to a density of 0.79, slower on near-full masks (BENCHMARKS.md)."""
+    if not call.on_cpu:
+        return None
+    cost = plan(forms.block_mask(call.q, call.s_kv)).cost  # both built once, reused by sparse
+    return "sparse" if cost <= call.max_density else "sdpa"
+
+
+def accelerator(call: Call, forms: MaskForms) -> Backend | None:
+    """On an accelerator, flex; SDPA when dropout is on (flex has none)."""
+    return "sdpa" if call.dropout else "flex"
+
+
+AUTO: tuple[Rule, ...] = (
+    only_a_dense_mask,
+    nothing_to_mask,
+    square_causal,
+    scores_need_softmax,
+    cpu_decoding,
+    score_mod_where_flex_runs,
+    cpu_sparse_or_dense,
+    accelerator,
+)
+"""``backend="auto"``'s rules, in order: the first that answers decides."""
+
+
+def choose(requested: str, call: Call, forms: MaskForms) -> Backend:
+    """The backend of one call: ``requested`` when it is not ``"auto"`` (after checking that it
+    can run), else the first answer of the ``AUTO`` rules.
+
+    Raises:
+        ValueError: if the requested backend cannot compute this call, saying why and what to
+            use instead.
+        TypeError: for a dtype flex does not take on CPU.
+    """
+    if forms.dense_only:  # whatever was asked: a dense mask has no blocks
+        return "sdpa"
+    if requested == "auto":
+        for rule in AUTO:
+            backend = rule(call, forms)
+            if backend is not None:
+                return backend
+        raise AssertionError("unreachable: the last rule always answers")
+    if requested == "sparse" and (call.score_mod or call.softmax_only):
+        raise ValueError(
+            "backend='sparse' has no score_mod, soft-capping, attention sinks or bias (it runs "
+            "SDPA on the visited blocks); use backend='auto', 'flex' or 'sdpa'."
+        )
+    if requested == "flex":
+        _check_flex(call)
+    return requested  # type: ignore[return-value]
+
+
+def _check_flex(call: Call) -> None:
+    if call.on_cpu and call.needs_grad:
+        raise ValueError(
+            "backend='flex' cannot train on CPU: FlexAttention has no CPU backward pass. "
+            "Use backend='auto' or 'sparse' (block-sparse, with backward) or 'sdpa', or "
+            "run under torch.no_grad()."
+        )
+    if call.dropout:
+        raise ValueError(
+            "backend='flex' has no attention dropout; call .eval(), set dropout=0, or "
+            "use backend='auto', 'sparse' or 'sdpa'."
+        )
+    if call.on_cpu and call.q.dtype not in FLEX_DTYPES_CPU:
+        raise TypeError(
+            f"backend='flex' on CPU supports {FLEX_DTYPES_CPU}, got {call.q.dtype}; use "
+            "backend='sdpa' or 'auto'."
+        )
+    if call.softmax_only:
+        raise ValueError(
+            "backend='flex' cannot apply attention sinks or an additive bias here; use "
+            "backend='auto' or 'sdpa'."
+        )

@@ -1,0 +1,241 @@
+"""The masks of positions alone: ``full``, ``causal``, ``sliding_window``, ``prefix_lm``,
+``chunked``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .._checks import check_int, int_tensor
+from .base import MaskMod
+from .leaf import Leaf, declared, fmt_tensor, row_of
+from .tiles import Tiles
+
+__all__ = ["causal", "chunked", "full", "prefix_lm", "sliding_window"]
+
+
+@declared
+class _Full(Leaf):
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return kv_idx >= 0
+
+    def _expr(self) -> str:
+        return "full()"
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        true = torch.ones_like(tiles.q0 + tiles.k0, dtype=torch.bool)
+        return true, true
+
+
+def full() -> MaskMod:
+    """Every query sees every key (bidirectional attention).
+
+    Keeps every ``(q_idx, kv_idx)``. For 4 tokens::
+
+        ■ ■ ■ ■
+        ■ ■ ■ ■
+        ■ ■ ■ ■
+        ■ ■ ■ ■
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.full()
+        full()
+        >>> fm.to_dense(fm.full(), 2, 3).all().item()
+        True
+    """
+    return _Full()
+
+
+@declared
+class _Causal(Leaf):
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return kv_idx <= q_idx
+
+    def _expr(self) -> str:
+        return "causal()"
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        return tiles.k1 <= tiles.q0, tiles.k0 <= tiles.q1
+
+
+def causal() -> MaskMod:
+    """Each query sees itself and the keys before it, top-left aligned (as FlexAttention).
+
+    Keeps ``kv_idx <= q_idx``. For 4 tokens::
+
+        ■ ⬚ ⬚ ⬚
+        ■ ■ ⬚ ⬚
+        ■ ■ ■ ⬚
+        ■ ■ ■ ■
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.to_dense(fm.causal(), 3, 3)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    return _Causal()
+
+
+@declared
+class _SlidingWindow(Leaf):
+    window: int
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < self.window)
+
+    def _expr(self) -> str:
+        return f"sliding_window({self.window})"
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        t, w = tiles, self.window
+        return (t.k1 <= t.q0) & (t.q1 - t.k0 < w), (t.k0 <= t.q1) & (t.q0 - t.k1 < w)
+
+
+def sliding_window(window: int) -> MaskMod:
+    """Causal attention to the last ``window`` keys, the query's own position included.
+
+    Keeps ``kv_idx <= q_idx and q_idx - kv_idx < window`` (Transformers' convention; attention-gym's
+    ``generate_sliding_window(w)`` keeps ``w + 1`` keys). For ``window=3``, 5 tokens::
+
+        ■ ⬚ ⬚ ⬚ ⬚
+        ■ ■ ⬚ ⬚ ⬚
+        ■ ■ ■ ⬚ ⬚
+        ⬚ ■ ■ ■ ⬚
+        ⬚ ⬚ ■ ■ ■
+
+    Args:
+        window: number of keys each query sees, itself included (>= 1).
+
+    Raises:
+        TypeError: if ``window`` is not an int.
+        ValueError: if ``window < 1``.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.to_dense(fm.sliding_window(2), 3, 3)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    """
+    return _SlidingWindow(check_int(window, "sliding_window(window=...)"))
+
+
+@declared
+class _PrefixLM(Leaf):
+    prefix_len: int | Tensor  # an int, or a 0-d / [B] integer tensor
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        p = self.prefix_len
+        prefix = row_of(p, b) if isinstance(p, Tensor) else p
+        return (kv_idx < prefix) | (kv_idx <= q_idx)
+
+    def _expr(self) -> str:
+        p = self.prefix_len
+        return f"prefix_lm({fmt_tensor(p) if isinstance(p, Tensor) else p})"
+
+    def _own_batch(self) -> int | None:
+        p = self.prefix_len
+        return p.shape[0] if isinstance(p, Tensor) and p.dim() == 1 else None
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        t, p = tiles, self.prefix_len
+        prefix = int(row_of(p, torch.tensor(t.b))) if isinstance(p, Tensor) else p
+        return (t.k1 < prefix) | (t.k1 <= t.q0), (t.k0 < prefix) | (t.k0 <= t.q1)
+
+
+def prefix_lm(prefix_len: int | Tensor | Sequence[int]) -> MaskMod:
+    """Bidirectional over the first ``prefix_len`` keys, causal after them (prefix-LM, T5/PaLI).
+
+    Keeps ``kv_idx < prefix_len or kv_idx <= q_idx``. ``prefix_len`` may be an int, a 0-d tensor,
+    or a ``[B]`` tensor with one prefix length per batch row. For ``prefix_len=2``, 4 tokens::
+
+        ■ ■ ⬚ ⬚
+        ■ ■ ⬚ ⬚
+        ■ ■ ■ ⬚
+        ■ ■ ■ ■
+
+    Args:
+        prefix_len: length of the bidirectional prefix (>= 0), int or integer tensor.
+
+    Raises:
+        TypeError: if ``prefix_len`` is not an int or integer tensor.
+        ValueError: if it is negative or a tensor of rank > 1.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.prefix_lm([1, 3])
+        prefix_lm(tensor([1, 3]))
+        >>> fm.to_dense(fm.prefix_lm(2), 3, 3)[0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    call = "prefix_lm(prefix_len=...)"
+    if isinstance(prefix_len, int) and not isinstance(prefix_len, bool):
+        return _PrefixLM(check_int(prefix_len, call, minimum=0))
+    tensor = int_tensor(prefix_len, call, ranks=(0, 1))
+    if tensor.numel() and int(tensor.min()) < 0:
+        raise ValueError(f"{call} needs prefix lengths >= 0, got {tensor.tolist()}.")
+    return _PrefixLM(tensor)
+
+
+@declared
+class _Chunked(Leaf):
+    chunk: int
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return q_idx // self.chunk == kv_idx // self.chunk
+
+    def _expr(self) -> str:
+        return f"chunked({self.chunk})"
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        t, c = tiles, self.chunk
+        one_chunk = (t.q0 // c == t.q1 // c) & (t.k0 // c == t.k1 // c) & (t.q0 // c == t.k0 // c)
+        return one_chunk, (t.q0 // c <= t.k1 // c) & (t.k0 // c <= t.q1 // c)
+
+
+def chunked(chunk: int) -> MaskMod:
+    """Same chunk only: the sequence is cut into chunks of ``chunk`` tokens (Llama 4 local layers).
+
+    Keeps ``q_idx // chunk == kv_idx // chunk``; combine with ``causal()`` for chunked causal
+    attention. For ``chunk=2``, 5 tokens::
+
+        ■ ■ ⬚ ⬚ ⬚
+        ■ ■ ⬚ ⬚ ⬚
+        ⬚ ⬚ ■ ■ ⬚
+        ⬚ ⬚ ■ ■ ⬚
+        ⬚ ⬚ ⬚ ⬚ ■
+
+    Args:
+        chunk: chunk size in tokens (>= 1).
+
+    Raises:
+        TypeError: if ``chunk`` is not an int.
+        ValueError: if ``chunk < 1``.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.to_dense(fm.chunked(2) & fm.causal(), 3)[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    return _Chunked(check_int(chunk, "chunked(chunk=...)"))

@@ -1,0 +1,230 @@
+"""Real tokens and padding: ``padding`` (lengths per row) and ``from_hf_attention_mask`` (a
+Transformers 0/1 mask, any pattern)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .._checks import capture, lengths_tensor
+from .base import MaskMod
+from .leaf import Leaf, declared, fmt_tensor
+from .tiles import Tiles
+
+__all__ = ["from_hf_attention_mask", "padding"]
+
+
+@declared
+class _Padding(Leaf):
+    lengths: Tensor  # [B] real tokens per row
+    side: str
+    start: Tensor | None = None  # left padding: first real position per row, set by bind()
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        if self.side == "right":
+            n = self.lengths[b]
+            return (q_idx < n) & (kv_idx < n)
+        if self.start is None:
+            raise ValueError(
+                "padding(side='left') counts from the end of the sequence, so it needs the "
+                "sequence length: build it through flexmask.block_mask / to_dense / "
+                "MultiheadFlexAttention, or call mask.bind(q_len, kv_len) first."
+            )
+        s = self.start[b]
+        return (q_idx >= s) & (kv_idx >= s)
+
+    def _expr(self) -> str:
+        side = "" if self.side == "right" else f", side={self.side!r}"
+        return f"padding(lengths={fmt_tensor(self.lengths)}{side})"
+
+    def _own_batch(self) -> int | None:
+        return self.lengths.shape[0]
+
+    def _counts_from_end(self) -> bool:
+        return self.side == "left" and self.start is None
+
+    def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
+        # Queries and keys are positions in one sequence frame, whose length is kv_len.
+        limit = kv_len if self.side == "left" else max(q_len, kv_len)
+        longest = int(self.lengths.max()) if self.lengths.numel() else 0
+        if longest > limit:
+            raise ValueError(
+                f"padding(lengths=...) has a length of {longest}, longer than the sequence "
+                f"(q_len={q_len}, kv_len={kv_len}); lengths count real tokens, at most the "
+                "sequence length."
+            )
+        if self.side == "right":
+            return self
+        with torch.inference_mode(False):  # kept in BlockMasks that may serve training
+            return _Padding(self.lengths, "left", kv_len - self.lengths)
+
+    @property
+    def exact_bounds(self) -> bool:
+        return self.side == "right" or self.start is not None
+
+    @property
+    def is_box(self) -> bool:
+        return self.exact_bounds
+
+    def box(self, b: int) -> tuple[int, int]:
+        if self.side == "right":
+            return 0, int(self.lengths[b])
+        return int(self.start[b]), 1 << 62  # type: ignore[index]
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        t = tiles
+        if self.side == "right":
+            n = int(self.lengths[t.b])
+            return (t.q1 < n) & (t.k1 < n), (t.q0 < n) & (t.k0 < n)
+        if self.start is None:
+            return super().tile_bounds(tiles)  # unbound: __call__ says how to fix it
+        s = int(self.start[t.b])
+        return (t.q0 >= s) & (t.k0 >= s), (t.q1 >= s) & (t.k1 >= s)
+
+
+def padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod:
+    """Hide padding: a pair may attend only when both the query and the key are real tokens.
+
+    Token ``i`` of row ``b`` is real iff ``i < lengths[b]`` (``side="right"``) or
+    ``i >= S - lengths[b]`` (``side="left"``, counted from the end of the ``S = kv_len`` keys).
+    Pad query rows see nothing; attention returns zeros for them, never NaN. Combine with
+    ``causal()`` for a decoder. For ``lengths=[3]``, 4 tokens, right padding::
+
+        ■ ■ ■ ⬚
+        ■ ■ ■ ⬚
+        ■ ■ ■ ⬚
+        ⬚ ⬚ ⬚ ⬚
+
+    Args:
+        lengths: ``[B]`` integer tensor (or list) of real-token counts, one per batch row.
+        side: ``"right"`` (pads after the tokens) or ``"left"`` (pads before, for generation).
+
+    Raises:
+        TypeError: if ``lengths`` is not an integer tensor or list of ints.
+        ValueError: if ``lengths`` is not 1-D, is negative, or ``side`` is unknown; when
+            building, if a length exceeds the sequence.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.padding([3, 1], side="left")
+        padding(lengths=tensor([3, 1]), side='left')
+        >>> fm.to_dense(fm.padding([2, 3], side="left"), 3, 3)[0, 0].int().tolist()
+        [[0, 0, 0], [0, 1, 1], [0, 1, 1]]
+    """
+    tensor = lengths_tensor(lengths, "padding(lengths=...)", "one length per batch row")
+    if side not in ("right", "left"):
+        raise ValueError(f"padding(side=...) must be 'right' or 'left', got {side!r}.")
+    return _Padding(tensor, side)
+
+
+@declared
+class _Tokens(Leaf):
+    """Real tokens from a 0/1 ``[B, S]`` attention mask (any pattern): pairs of real tokens, or
+    with ``keys_only`` real keys for any query (Transformers' reading of a 2-D mask, and the
+    only one that fits cross-attention, where queries and keys are different sequences)."""
+
+    real: Tensor  # bool [B, S]
+    keys_only: bool = False
+
+    def _per_position(self) -> bool:
+        return True
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        n = self.real.shape[1]  # positions past the mask (a longer KV cache) are not tokens
+        keep = self.real[b, kv_idx.clamp(max=n - 1)] & (kv_idx < n)
+        if self.keys_only:
+            return keep
+        return keep & self.real[b, q_idx.clamp(max=n - 1)] & (q_idx < n)
+
+    def _expr(self) -> str:
+        keys = ", keys_only=True" if self.keys_only else ""
+        return f"from_hf_attention_mask({fmt_tensor(self.real.long())}{keys})"
+
+    def _own_batch(self) -> int | None:
+        return self.real.shape[0]
+
+    def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
+        n = self.real.shape[1]
+        want, what = (kv_len, "key") if self.keys_only else (max(q_len, kv_len), "position")
+        if n != want:
+            raise ValueError(
+                f"from_hf_attention_mask(...): the attention mask covers {n} positions but the "
+                f"mask is built for q_len={q_len}, kv_len={kv_len}; it needs one entry per "
+                f"{what} ({want}), the cached ones included."
+            )
+        return self
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        real = self.real[tiles.b].long()
+        k_lo, k_hi = tiles.span(real, 1)
+        if self.keys_only:
+            return k_lo == 1, k_hi == 1
+        q_lo, q_hi = tiles.span(real, 0)
+        return (q_lo == 1) & (k_lo == 1), (q_hi == 1) & (k_hi == 1)
+
+
+def from_hf_attention_mask(attention_mask: Tensor, *, keys_only: bool = False) -> MaskMod:
+    """A Transformers 2-D attention mask (1 = token, 0 = pad): pads neither attend nor are seen.
+
+    ``attention_mask`` is ``[B, S]`` with 1 for real tokens and 0 for padding, in any pattern
+    (left or right padding, holes). Combine with ``causal()`` for a decoder. ``S`` counts every
+    position, cached ones included; build for ``q_len`` new queries with ``q_offset=S - q_len``.
+    For ``[[1, 0, 1, 1]]``::
+
+        ■ ⬚ ■ ■
+        ⬚ ⬚ ⬚ ⬚
+        ■ ⬚ ■ ■
+        ■ ⬚ ■ ■
+
+    With ``keys_only=True`` only keys are masked: every query sees the real keys, as
+    Transformers reads a 2-D mask, and as cross-attention needs (``S`` then counts keys; the
+    queries are another sequence). For ``[[1, 0, 1, 1]]``, 2 queries::
+
+        ■ ⬚ ■ ■
+        ■ ⬚ ■ ■
+
+    Raises:
+        TypeError: if it is not a tensor of 0/1 integers or bools.
+        ValueError: if it is not 2-D or holds values other than 0 and 1.
+
+    Example:
+        >>> import torch, flexmask as fm
+        >>> m = fm.causal() & fm.from_hf_attention_mask(torch.tensor([[0, 1, 1]]))
+        >>> fm.to_dense(m, 3)[0, 0].int().tolist()
+        [[0, 0, 0], [0, 1, 0], [0, 1, 1]]
+        >>> keys = fm.from_hf_attention_mask(torch.tensor([[1, 1, 0]]), keys_only=True)
+        >>> fm.to_dense(keys, 2, 3)[0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 0]]
+    """
+    call = "from_hf_attention_mask(attention_mask=...)"
+    if not isinstance(keys_only, bool):
+        raise TypeError(
+            f"from_hf_attention_mask(keys_only=...) must be True or False, got {keys_only!r}."
+        )
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(
+            f"{call} needs a [batch, seq_len] tensor of 0/1, got {type(attention_mask).__name__}."
+        )
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"{call} needs a 2-D [batch, seq_len] tensor of 0/1, got shape "
+            f"{tuple(attention_mask.shape)}; a 4-D mask is already expanded."
+        )
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        raise TypeError(f"{call} needs integers or bools (1 = token), got {attention_mask.dtype}.")
+    if attention_mask.is_meta or attention_mask.numel() == 0:
+        raise ValueError(
+            f"{call} needs values (at least one row and one position, not a meta tensor), got "
+            f"shape {tuple(attention_mask.shape)} on {attention_mask.device}."
+        )
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError(
+            f"{call} holds values other than 0 and 1: {attention_mask.unique().tolist()}."
+        )
+    return _Tokens(capture(attention_mask.bool()), keys_only)
