@@ -93,6 +93,20 @@ def lengths_tensor(value: object, call: str, needs: str) -> Tensor:
     return tensor
 
 
+def check_flag(value: object, name: str) -> bool:
+    """A bool (an int or a string is refused: ``boolean=1`` is most likely a mistake)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
+def check_float_dtype(value: object, name: str) -> torch.dtype:
+    """A floating torch dtype (what masks, caches and attention hold values in)."""
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise TypeError(f"{name} needs a floating dtype, got {value!r}.")
+    return value
+
+
 def check_lengths(q_len: object, kv_len: object) -> int:
     """Validate ``q_len`` and ``kv_len`` (None means ``q_len``); return ``kv_len``."""
     for name, value in (("q_len", q_len), ("kv_len", kv_len)):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import as_device, check_int, check_memory
+from ._checks import as_device, check_float_dtype, check_int, check_memory
 from .masks import MaskMod, MaskModFn, Wrapper, as_mask, declared
 
 __all__ = ["KVCache"]
@@ -56,8 +56,7 @@ class KVCache(nn.Module):
         for name, value in (("batch", batch), ("max_len", max_len),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):  # fmt: skip
             check_int(value, f"KVCache({name}=...)", expected="a positive int")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"KVCache(dtype=...) must be a floating dtype, got {dtype!r}.")
+        check_float_dtype(dtype, "KVCache(dtype=...)")
         super().__init__()
         dev = torch.device("cpu") if device is None else as_device(device, "KVCache(device=...)")
         shape = (batch, num_kv_heads, max_len, head_dim)

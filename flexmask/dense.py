@@ -7,7 +7,15 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_count, check_lengths, check_memory, resolve_batch, resolve_device
+from ._checks import (
+    check_count,
+    check_flag,
+    check_float_dtype,
+    check_lengths,
+    check_memory,
+    resolve_batch,
+    resolve_device,
+)
 from .evaluation import block_kinds, evaluate_tiles, partial_tiles
 from .masks import MaskModFn, as_mask, with_offset
 
@@ -104,10 +112,8 @@ def to_hf_4d(
         >>> fm.to_hf_4d(fm.causal(), 2, boolean=True).shape
         torch.Size([1, 1, 2, 2])
     """
-    if not isinstance(boolean, bool):
-        raise TypeError(f"to_hf_4d(boolean=...) must be True or False, got {boolean!r}.")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"to_hf_4d(dtype=...) needs a floating dtype, got {dtype!r}.")
+    check_flag(boolean, "to_hf_4d(boolean=...)")
+    check_float_dtype(dtype, "to_hf_4d(dtype=...)")
     dense = to_dense(mask, q_len, kv_len, batch=batch, device=device, q_offset=q_offset)
     return dense if boolean else to_additive(dense, dtype)
 
@@ -129,8 +135,7 @@ def to_additive(dense: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
             f"to_additive(dense=...) needs a bool tensor (True = may attend), got {got}; "
             "make one with flexmask.to_dense(mask, q_len)."
         )
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"to_additive(dtype=...) needs a floating dtype, got {dtype!r}.")
+    check_float_dtype(dtype, "to_additive(dtype=...)")
     out = torch.zeros(dense.shape, dtype=dtype, device=dense.device)
     return out.masked_fill_(~dense, torch.finfo(dtype).min)
 

@@ -52,3 +52,12 @@ def test_no_module_is_past_about_500_lines():
     long = {p.relative_to(PACKAGE).as_posix(): n for p in _sources()
             if (n := len(p.read_text().splitlines())) > 500}  # fmt: skip
     assert long == {}
+
+
+def test_the_old_convert_module_is_a_deprecated_alias():
+    import sys
+
+    sys.modules.pop("flexmask.convert", None)
+    with pytest.warns(DeprecationWarning, match="flexmask.convert is deprecated"):
+        convert = importlib.import_module("flexmask.convert")
+    assert convert.to_dense is fm.to_dense and convert.block_kinds is fm.evaluation.block_kinds

@@ -16,9 +16,9 @@ from .base import MAX_DEPTH, MaskMod, MaskModFn, check_depth
 from .basic import causal, chunked, full, prefix_lm, sliding_window
 from .documents import document, packed
 from .leaf import Leaf, Wrapper, declared, fmt_tensor
-from .tokens import from_hf_attention_mask, padding
 from .offsets import shifted, with_offset
 from .tiles import Tiles
+from .tokens import from_hf_attention_mask, padding
 from .trees import tree
 
 __all__ = [

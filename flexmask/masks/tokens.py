@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._checks import capture, lengths_tensor
+from .._checks import capture, check_flag, lengths_tensor
 from .base import MaskMod
 from .leaf import Leaf, declared, fmt_tensor
 from .tiles import Tiles
@@ -203,10 +203,7 @@ def from_hf_attention_mask(attention_mask: Tensor, *, keys_only: bool = False) -
         [[1, 1, 0], [1, 1, 0]]
     """
     call = "from_hf_attention_mask(attention_mask=...)"
-    if not isinstance(keys_only, bool):
-        raise TypeError(
-            f"from_hf_attention_mask(keys_only=...) must be True or False, got {keys_only!r}."
-        )
+    check_flag(keys_only, "from_hf_attention_mask(keys_only=...)")
     if not isinstance(attention_mask, Tensor):
         raise TypeError(
             f"{call} needs a [batch, seq_len] tensor of 0/1, got {type(attention_mask).__name__}."

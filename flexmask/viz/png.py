@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from .._checks import check_int
+from .._checks import check_flag, check_int
 from ..evaluation import block_kinds
 from ..masks import MaskMod, MaskModFn, as_mask
 from .picture import (
@@ -100,7 +100,7 @@ def save_mask_png(
         'causal.png'
     """
     target = _check_path(path, "save_mask_png")
-    _check_flag(show_blocks, "save_mask_png(show_blocks=...)")
+    check_flag(show_blocks, "save_mask_png(show_blocks=...)")
     m, _ = check_mask_args("save_mask_png", mask, q_len, kv_len, batch, head)
     pic = mask_picture(m, q_len, kv_len, batch=batch, head=head, block_size=block_size)
     fig = _figure((6.0, 7.0))
@@ -252,7 +252,7 @@ def save_grid_png(
         'grid.png'
     """
     target = _check_path(path, "save_grid_png")
-    _check_flag(show_blocks, "save_grid_png(show_blocks=...)")
+    check_flag(show_blocks, "save_grid_png(show_blocks=...)")
     panels = _panels(masks, batch, head, heads)
     n = len(panels)
     if ncols is not None:
@@ -319,11 +319,6 @@ def _check_path(path: object, fn: str) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{fn}(path=...): cannot write in {str(folder)!r}.")
     return target
-
-
-def _check_flag(value: object, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}.")
 
 
 def _figure(size: tuple[float, float]) -> Figure:
