@@ -34,7 +34,8 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import flexmask as fm
 from flexmask.coverage import as_dense_mask
-from flexmask.runners import masked_sdpa
+from flexmask.dispatch import Call, choose
+from flexmask.runners import MaskForms, masked_sdpa
 
 HEADS, HEAD_DIM = 8, 64
 
@@ -111,7 +112,6 @@ def run_case(name, mask, gym_mask, bsz, n, dtype, backward, dev, warmup, repeats
     dense = as_dense_mask(fm.to_dense(mask, n, batch=bsz if mask.uses_batch else 1, device=dev))
     with torch._dynamo.config.patch(recompile_limit=64):
         torch_bm = compiled_create_block_mask()(gym_mask or mask, batch, None, n, n, dev)
-    chooser = fm.MultiheadFlexAttention(heads * HEAD_DIM, heads, device=dev)
 
     methods = {
         "sdpa dense": lambda: masked_sdpa(q, k, v, dense),
@@ -123,17 +123,25 @@ def run_case(name, mask, gym_mask, bsz, n, dtype, backward, dev, warmup, repeats
         methods["sdpa is_causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if n <= 2048:
         methods["naive"] = lambda: naive(q, k, v, dense.allowed)
-    backend_of = {"sdpa": "sdpa dense", "sdpa_causal": "sdpa is_causal", "sparse": "sparse",
-                  "flex": "flex"}  # fmt: skip
-
     forward = dict(methods)
 
+    def auto_pick() -> str:
+        """What MultiheadFlexAttention(backend="auto") runs for this call (its dispatch)."""
+        call = Call(q=q, s_kv=n, needs_grad=torch.is_grad_enabled() and q.requires_grad,
+                    dropout=False, score_mod=False, softmax_only=False, decoding=False,
+                    shapes_vary=False)  # fmt: skip
+        forms = MaskForms(mask)
+        backend = choose("auto", call, forms)
+        if backend == "sdpa":
+            return "sdpa is_causal" if forms.causal(q, n) else "sdpa dense"
+        return backend
+
     def auto():
-        return forward[backend_of[chooser._choose_backend(q, mask, n)]]()
+        return forward[auto_pick()]()
 
     methods["auto"] = auto
     with torch.set_grad_enabled(backward):
-        picked = backend_of[chooser._choose_backend(q, mask, n)]
+        picked = auto_pick()
         if backward:
             methods = {m: _with_backward(fn, grad) for m, fn in methods.items()}
         timings = measure(methods, warmup=warmup, repeats=repeats, dev=dev,
