@@ -19,6 +19,7 @@ MODULES = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:flexmask.convert is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("name", MODULES)
 def test_every_submodule_is_importable_by_its_name(name):
     module = importlib.import_module(name)
