@@ -46,7 +46,7 @@ def run(sizes: list[int], repeats: int, quick: bool, nan: bool) -> None:
                     t[1, :, n // 2 + 37 :] = float("nan")
             bm = fm.block_mask(mask, n, device=dev)
             allowed = fm.to_dense(mask, n, device=dev)
-            dense = DenseMask(allowed, Coverage.of_dense(allowed))
+            dense = DenseMask.of(allowed)
 
             for backward in (False, True):
                 times = measure(_methods(q, k, v, bm, dense, backward), warmup=1,

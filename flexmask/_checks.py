@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
     from .masks import MaskMod
 
 MAX_INDEX = 2**62
@@ -202,6 +204,20 @@ def resolve_device(mask: MaskMod, device: object) -> torch.device:
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def check_block_mask_shape(
+    bm: BlockMask, name: str, bsz: int, heads: int, q_len: int, kv_len: int
+) -> None:
+    """A ready BlockMask fits inputs of ``bsz`` rows, ``heads`` heads, ``q_len x kv_len``
+    (batch and heads of 1 broadcast); ``name`` is the argument that gave it."""
+    mb, mh = bm.kv_num_blocks.shape[:2]
+    if bm.seq_lengths != (q_len, kv_len) or mb not in (1, bsz) or mh not in (1, heads):
+        raise ValueError(
+            f"{name} has shape {tuple(bm.shape)} but the input needs (B in {{1, {bsz}}}, H in "
+            f"{{1, {heads}}}, {q_len}, {kv_len}); build it with flexmask.block_mask(mask, "
+            f"q_len={q_len}, kv_len={kv_len}) or pass the mask itself."
+        )
 
 
 def check_block_size(block_size: object) -> int:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_block_size, check_int
+from ._checks import check_block_mask_shape, check_block_size, check_int
 from .cache import KVCache
 from .dispatch import BACKENDS, SPARSE_MAX_DENSITY, Backend, Call, choose
 from .masks import MaskMod, MaskModFn, as_mask, full
@@ -383,14 +383,7 @@ def _forms(
     """The call's ``MaskForms``; a ready BlockMask is checked against the input's shape."""
     if not isinstance(mask, BlockMask):
         return MaskForms(mask, block_size=block_size)
-    mb, mh = mask.kv_num_blocks.shape[:2]
-    bsz, s_q = q.shape[0], q.shape[2]
-    if mask.seq_lengths != (s_q, s_kv) or mb not in (1, bsz) or mh not in (1, num_heads):
-        raise ValueError(
-            f"forward(mask=BlockMask) has shape {tuple(mask.shape)} but the input needs "
-            f"(B in {{1, {bsz}}}, H in {{1, {num_heads}}}, {s_q}, {s_kv}); build it with "
-            f"flexmask.block_mask(mask, q_len={s_q}, kv_len={s_kv}) or pass the mask itself."
-        )
+    check_block_mask_shape(mask, "forward(mask=BlockMask)", q.shape[0], num_heads, q.shape[2], s_kv)
     return MaskForms(block=mask)
 
 

@@ -169,16 +169,17 @@ def _check_build_memory(
 
 
 def block_mask_for(
-    mask: MaskModFn | None, q: Tensor, s_kv: int, *, block_size: int = 128
+    mask: MaskModFn | None, q: Tensor, s_kv: int, *, block_size: int = 128, cache: bool = True
 ) -> BlockMask:
-    """The (cached) BlockMask of ``mask`` for queries ``q [B, H, S, D]`` and ``s_kv`` keys: one
-    row per batch entry or head only where the mask depends on it; None means every key."""
+    """The BlockMask of ``mask`` for queries ``q [B, H, S, D]`` and ``s_kv`` keys (cached unless
+    ``cache`` is False): one row per batch entry or head only where the mask depends on it; None
+    means every key."""
     m = full() if mask is None else as_mask(mask)
     return block_mask(
         m, q.shape[2], s_kv,
         batch=q.shape[0] if m.uses_batch else None,
         heads=q.shape[1] if m.uses_heads else None,
-        block_size=block_size, device=q.device,
+        block_size=block_size, device=q.device, cache=cache,
     )  # fmt: skip
 
 

@@ -183,10 +183,7 @@ class KVCache(nn.Module):
         Returns the lengths before the write: the position of each row's first new token."""
         self.check_room(k.shape[2])
         start = self.lengths.clone()
-        pos = self._slots(start, k.shape[2])
-        self.k.scatter_(2, pos, k.to(self.k.dtype))
-        self.v.scatter_(2, pos, v.to(self.v.dtype))
-        self.lengths += counts
+        self._write(self._slots(start, k.shape[2]), k, v, counts)
         return start
 
     @contextlib.contextmanager
@@ -194,16 +191,22 @@ class KVCache(nn.Module):
         """``append`` for the body of a ``with`` block, undone exactly if the block raises: the
         keys, values and lengths are then what they were before. Yields ``append``'s result."""
         self.check_room(k.shape[2])
-        lengths = self.lengths.clone()
-        pos = self._slots(lengths, k.shape[2])
+        start = self.lengths.clone()
+        pos = self._slots(start, k.shape[2])
         old_k, old_v = self.k.gather(2, pos), self.v.gather(2, pos)
         try:
-            yield self.append(k, v, counts)
+            self._write(pos, k, v, counts)
+            yield start
         except BaseException:
             self.k.scatter_(2, pos, old_k)
             self.v.scatter_(2, pos, old_v)
-            self.lengths.copy_(lengths)
+            self.lengths.copy_(start)
             raise
+
+    def _write(self, pos: Tensor, k: Tensor, v: Tensor, counts: Tensor) -> None:
+        self.k.scatter_(2, pos, k.to(self.k.dtype))
+        self.v.scatter_(2, pos, v.to(self.v.dtype))
+        self.lengths += counts
 
     def _slots(self, start: Tensor, s: int) -> Tensor:
         """Scatter/gather indices of ``s`` positions per row from ``start``: ``[B, H, s, D]``."""

@@ -58,32 +58,46 @@ class Coverage:
 
 @dataclass(frozen=True)
 class DenseMask:
-    """A dense boolean mask ``[B, H, Q, KV]`` (True = may attend) with its coverage."""
+    """A dense boolean mask ``[B, H, Q, KV]`` (True = may attend) with its coverage, and the mask
+    SDPA runs with: rows that see nothing opened to every key (their queries are zeroed and
+    their outputs zeroed after; an all-False row would be NaN)."""
 
     allowed: Tensor
     coverage: Coverage
+    sdpa_mask: Tensor
+
+    @classmethod
+    def of(cls, allowed: Tensor) -> DenseMask:
+        cover = Coverage.of_dense(allowed)
+        return cls(allowed, cover, allowed | ~cover.rows[..., None])
 
 
 def as_dense_mask(mask: DenseMask | Tensor | None) -> DenseMask | None:
     """A ``DenseMask`` from a boolean tensor (True = may attend), or as it is."""
     if mask is None or isinstance(mask, DenseMask):
         return mask
-    return DenseMask(mask, Coverage.of_dense(mask))
+    return DenseMask.of(mask)
 
 
 def cached_dense(
-    mask: MaskMod, q_len: int, kv_len: int, *, batch: int, heads: int, device: torch.device
+    mask: MaskMod,
+    q_len: int,
+    kv_len: int,
+    *,
+    batch: int,
+    heads: int,
+    device: torch.device,
+    cache: bool = True,
 ) -> DenseMask:
-    """``to_dense`` for the SDPA backend, cached like BlockMasks: every layer of a model reuses
-    the mask the first layer built (callers must not modify the result)."""
-    mask_key = mask.cache_key()
+    """``to_dense`` for the SDPA backend, cached like BlockMasks (unless ``cache`` is False):
+    every layer of a model reuses the mask the first layer built (callers must not modify it)."""
+    mask_key = mask.cache_key() if cache else None
     key = None if mask_key is None else (mask_key, q_len, kv_len, batch, heads, str(device))
     hit = _DENSE_MASKS.get_recent(key)
     if isinstance(hit, DenseMask):
         return hit
     with torch.inference_mode(False):  # kept: may serve a training step later
-        allowed = to_dense(mask, q_len, kv_len, batch=batch, heads=heads, device=device)
-        dense = DenseMask(allowed, Coverage.of_dense(allowed))
+        dense = DenseMask.of(to_dense(mask, q_len, kv_len, batch=batch, heads=heads, device=device))
     _DENSE_MASKS.put(key, dense)
     return dense
 

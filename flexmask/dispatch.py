@@ -50,6 +50,11 @@ class Call:
         return self.q.device.type == "cpu"
 
     @property
+    def plain_scores(self) -> bool:
+        """Scores as ``q k^T`` gives them: no score_mod, soft-capping, sinks or bias."""
+        return not self.score_mod and not self.softmax_only
+
+    @property
     def flex_runs(self) -> bool:
         """FlexAttention can compute this call: no dropout; on CPU, no backward and one of its
         dtypes; and shapes that stay (each new one is a compile of seconds)."""
@@ -60,21 +65,15 @@ class Call:
 Rule = Callable[[Call, MaskForms], Backend | None]
 
 
-def only_a_dense_mask(call: Call, forms: MaskForms) -> Backend | None:
-    """A 4-D tensor mask from Transformers has no structure for flex or the sparse path."""
-    return "sdpa" if forms.dense_only else None
-
-
 def nothing_to_mask(call: Call, forms: MaskForms) -> Backend | None:
     """No mask, or ``full()``: SDPA without a mask."""
-    return "sdpa" if forms.none and not call.score_mod and not call.softmax_only else None
+    return "sdpa" if forms.none and call.plain_scores else None
 
 
 def square_causal(call: Call, forms: MaskForms) -> Backend | None:
     """``causal()`` with as many queries as keys: SDPA's ``is_causal`` kernel skips the upper
     triangle and was fastest in every causal case of ``make bench`` (BENCHMARKS.md)."""
-    plain = not call.score_mod and not call.softmax_only
-    return "sdpa" if plain and forms.causal(call.q, call.s_kv) else None
+    return "sdpa" if call.plain_scores and forms.causal(call.q, call.s_kv) else None
 
 
 def scores_need_softmax(call: Call, forms: MaskForms) -> Backend | None:
@@ -112,7 +111,6 @@ def accelerator(call: Call, forms: MaskForms) -> Backend | None:
 
 
 AUTO: tuple[Rule, ...] = (
-    only_a_dense_mask,
     nothing_to_mask,
     square_causal,
     scores_need_softmax,
@@ -133,7 +131,7 @@ def choose(requested: str, call: Call, forms: MaskForms) -> Backend:
             use instead.
         TypeError: for a dtype flex does not take on CPU.
     """
-    if forms.dense_only:  # whatever was asked: a dense mask has no blocks
+    if forms.dense_only:  # whatever was asked: a 4-D tensor mask has no blocks for flex or sparse
         return "sdpa"
     if requested == "auto":
         for rule in AUTO:
@@ -141,7 +139,7 @@ def choose(requested: str, call: Call, forms: MaskForms) -> Backend:
             if backend is not None:
                 return backend
         raise AssertionError("unreachable: the last rule always answers")
-    if requested == "sparse" and (call.score_mod or call.softmax_only):
+    if requested == "sparse" and not call.plain_scores:
         raise ValueError(
             "backend='sparse' has no score_mod, soft-capping, attention sinks or bias (it runs "
             "SDPA on the visited blocks); use backend='auto', 'flex' or 'sdpa'."

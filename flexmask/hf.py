@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .candidates import Tree
-from .coverage import DenseMask, as_dense_mask
+from .coverage import DenseMask
 from .dense import to_hf_4d
 from .dispatch import BACKENDS, Call, choose
 from .masks import MaskMod, as_mask, causal, from_hf_attention_mask, full, shifted, sliding_window
@@ -326,7 +326,7 @@ def _dense_4d(mask: Tensor) -> tuple[DenseMask, Tensor | None]:
     attend, ``finfo.min`` or ``-inf`` to mask, other values added to the scores: returned as a
     bias). Integer masks are refused: 0/1 read as additive would invert them silently."""
     if mask.dtype == torch.bool:
-        return as_dense_mask(mask), None  # type: ignore[return-value]
+        return DenseMask.of(mask), None
     if not mask.dtype.is_floating_point:
         raise TypeError(
             f"flexmask attention got a 4-D attention_mask of dtype {mask.dtype}; Transformers "
@@ -336,7 +336,7 @@ def _dense_4d(mask: Tensor) -> tuple[DenseMask, Tensor | None]:
         )
     allowed = mask > torch.finfo(mask.dtype).min
     bias = mask.where(allowed, 0.0)
-    return as_dense_mask(allowed), bias if bool(bias.any()) else None  # type: ignore[return-value]
+    return DenseMask.of(allowed), bias if bool(bias.any()) else None
 
 
 # --------------------------------------------------------------------------------------------

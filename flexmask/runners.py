@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .block import RECOMPILE_LIMIT
-from .block import block_mask as build_block_mask
+from .block import RECOMPILE_LIMIT, block_mask_for
 from .coverage import DenseMask, as_dense_mask, cached_dense, coverage
-from .dense import block_mask_to_dense, to_dense
+from .dense import block_mask_to_dense
 from .masks import MaskMod, causal, full
 from .sparse import sparse_attention
 
@@ -99,31 +98,23 @@ class MaskForms:
         """The BlockMask for queries ``q [B, H, S, D]`` and ``s_kv`` keys: one row per batch
         entry or head only where the mask depends on it."""
         if self._block is None:
-            m = full() if self.mask is None else self.mask
-            self._block = build_block_mask(
-                m, q.shape[2], s_kv,
-                batch=q.shape[0] if m.uses_batch else None,
-                heads=q.shape[1] if m.uses_heads else None,
-                block_size=self.block_size, device=q.device, cache=self.keep,
-            )  # fmt: skip
+            self._block = block_mask_for(self.mask, q, s_kv, block_size=self.block_size,
+                                         cache=self.keep)  # fmt: skip
         return self._block
 
     def dense(self, q: Tensor, s_kv: int) -> DenseMask | None:
         """The dense mask (with its coverage), or None for no mask."""
         if self._dense is None and not self.none:
             if self._block is not None:
-                self._dense = as_dense_mask(block_mask_to_dense(self._block).to(q.device))
+                self._dense = DenseMask.of(block_mask_to_dense(self._block).to(q.device))
             elif self.mask is not None:
                 bsz, nh, s_q, _ = q.shape
-                batch = bsz if self.mask.uses_batch else 1
-                heads = nh if self.mask.uses_heads else 1
-                if self.keep:
-                    self._dense = cached_dense(self.mask, s_q, s_kv, batch=batch, heads=heads,
-                                               device=q.device)  # fmt: skip
-                else:
-                    allowed = to_dense(self.mask, s_q, s_kv, batch=batch, heads=heads,
-                                       device=q.device)  # fmt: skip
-                    self._dense = as_dense_mask(allowed)
+                self._dense = cached_dense(
+                    self.mask, s_q, s_kv,
+                    batch=bsz if self.mask.uses_batch else 1,
+                    heads=nh if self.mask.uses_heads else 1,
+                    device=q.device, cache=self.keep,
+                )  # fmt: skip
         return self._dense
 
 
@@ -197,14 +188,12 @@ def masked_sdpa(
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=gqa)  # fmt: skip
     q, k, v = dense.coverage.hide(q, k, v)
-    # A row with no allowed key would be NaN (or depend on the kernel); let it see every key
-    # (its query is zero), then zero its output: finite values forward, zero gradients back.
-    seen = dense.coverage.rows[..., None]
+    # A row with no allowed key would be NaN (or depend on the kernel): it sees every key (its
+    # query is zero), then its output is zeroed: finite values forward, zero gradients back.
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=dense.allowed | ~seen, dropout_p=dropout_p, scale=scale,
-        enable_gqa=gqa,
-    )  # fmt: skip
-    return out.masked_fill(~seen, 0.0)
+        q, k, v, attn_mask=dense.sdpa_mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+    )
+    return out.masked_fill(~dense.coverage.rows[..., None], 0.0)
 
 
 def softmax_attention(

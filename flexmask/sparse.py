@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
+from ._checks import check_block_mask_shape
 from .block import block_mask_for
 from .coverage import coverage
 from .masks import MaskModFn, as_mask
@@ -76,7 +77,7 @@ def sparse_attention(
     if not isinstance(mask, BlockMask):
         m = None if mask is None else as_mask(mask, name="sparse_attention(mask=...)")
         mask = block_mask_for(m, q, s_kv, block_size=block_size)
-    _check_block_mask(mask, bsz, nh, s_q, s_kv)
+    check_block_mask_shape(mask, "sparse_attention(mask=BlockMask)", bsz, nh, s_q, s_kv)
 
     the_plan = plan(mask)
     mb, mh, nqb, nkvb = the_plan.shape
@@ -344,13 +345,3 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
                          f"{k.device}, {v.device}.")  # fmt: skip
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"sparse_attention(dropout_p=...) must be in [0, 1), got {dropout_p!r}.")
-
-
-def _check_block_mask(bm: BlockMask, bsz: int, nh: int, s_q: int, s_kv: int) -> None:
-    mb, mh = bm.kv_num_blocks.shape[:2]
-    if bm.seq_lengths != (s_q, s_kv) or mb not in (1, bsz) or mh not in (1, nh):
-        raise ValueError(
-            f"sparse_attention(mask=BlockMask) has shape {tuple(bm.shape)} but the inputs need "
-            f"(B in {{1, {bsz}}}, H in {{1, {nh}}}, {s_q}, {s_kv}); build it with "
-            f"flexmask.block_mask(mask, q_len={s_q}, kv_len={s_kv}) or pass the mask itself."
-        )

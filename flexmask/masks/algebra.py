@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -104,15 +105,30 @@ class _Composite(MaskMod):
         return f" {self.op} ".join(p.wrapped(self._precedence) for p in self.parts)
 
 
-class _And(_Composite):
-    op = "&"
-    _precedence = AND
+class _Join(_Composite):
+    """Parts joined by one boolean operator, applied alike to their values and to their tile
+    bounds (an AND of certainties is certain, and so is an OR)."""
+
+    join: Callable[[Any, Any], Any]
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         out = self.parts[0](b, h, q_idx, kv_idx)
         for part in self.parts[1:]:
-            out = out & part(b, h, q_idx, kv_idx)
+            out = self.join(out, part(b, h, q_idx, kv_idx))
         return out
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        all_true, any_true = self.parts[0].tile_bounds(tiles)
+        for part in self.parts[1:]:
+            a, n = part.tile_bounds(tiles)
+            all_true, any_true = self.join(all_true, a), self.join(any_true, n)
+        return all_true, any_true
+
+
+class _And(_Join):
+    op = "&"
+    _precedence = AND
+    join = staticmethod(operator.and_)
 
     def _split_boxes(self) -> tuple[list[MaskMod], list[MaskMod]]:
         boxes = [p for p in self.parts if p.is_box]
@@ -140,29 +156,13 @@ class _And(_Composite):
             inside = (tiles.q0 >= lo) & (tiles.q1 < hi) & (tiles.k0 >= lo) & (tiles.k1 < hi)
             meets = (clipped.q0 <= clipped.q1) & (clipped.k0 <= clipped.k1)
             return inside & a, meets & n
-        all_true, any_true = self.parts[0].tile_bounds(tiles)
-        for part in self.parts[1:]:
-            a, n = part.tile_bounds(tiles)
-            all_true, any_true = all_true & a, any_true & n
-        return all_true, any_true
+        return super().tile_bounds(tiles)
 
 
-class _Or(_Composite):
+class _Or(_Join):
     op = "|"
     _precedence = OR
-
-    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        out = self.parts[0](b, h, q_idx, kv_idx)
-        for part in self.parts[1:]:
-            out = out | part(b, h, q_idx, kv_idx)
-        return out
-
-    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
-        all_true, any_true = self.parts[0].tile_bounds(tiles)
-        for part in self.parts[1:]:
-            a, n = part.tile_bounds(tiles)
-            all_true, any_true = all_true | a, any_true | n
-        return all_true, any_true
+    join = staticmethod(operator.or_)
 
 
 class _Not(_Composite):
@@ -184,7 +184,7 @@ class _Not(_Composite):
         return "~" + self.parts[0].wrapped(NOT)
 
 
-def _combine(cls: type[_Composite], masks: tuple[MaskModFn, ...], name: str) -> MaskMod:
+def _combine(cls: type[_Join], masks: tuple[MaskModFn, ...], name: str) -> MaskMod:
     if not masks:
         raise ValueError(f"{name}() needs at least one mask, got none; e.g. {name}(causal(), m).")
     parts: list[MaskMod] = []
