@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install figures figures-check test test-slow test-all test-legacy-hf lint format typecheck nb demo bench bench-quick bench-viz bench-hf bench-decode bench-blocks bench-guarantees check clean
+.PHONY: install figures figures-check test test-slow test-all test-legacy-hf lint format typecheck nb demo bench bench-quick bench-viz bench-hf bench-decode bench-blocks bench-guarantees check clean gpu-check test-torch211
 
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels on a CPU machine.
 $(STAMP): pyproject.toml
@@ -37,6 +37,24 @@ LEGACY_HF := .venv-legacy-hf
 test-legacy-hf: $(STAMP)  ## the legacy-converter oracle against transformers 4.57's own class
 	test -d $(LEGACY_HF) || $(PY) -m pip install --quiet --target $(LEGACY_HF) "transformers==4.57.*"
 	PYTHONPATH=$(LEGACY_HF) $(PY) -m pytest -p no:cacheprovider -o addopts="" -q -k oracle_equals tests/test_tree.py
+
+# The oldest torch we claim (pyproject.toml), and the one on the GPU machines: the fast suite on
+# it too. PyPI's 2.11 wheel for Linux is a CUDA build; on a machine without a GPU it runs on CPU.
+TORCH_OLDEST ?= torch==2.11.0
+VENV_OLDEST := .venv-torch211
+$(VENV_OLDEST)/.installed: pyproject.toml
+	test -x $(VENV_OLDEST)/bin/python || $(PYTHON) -m venv $(VENV_OLDEST)
+	$(VENV_OLDEST)/bin/python -m pip install --quiet "$(TORCH_OLDEST)"
+	$(VENV_OLDEST)/bin/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test-torch211: $(VENV_OLDEST)/.installed  ## the fast suite on torch 2.11
+	$(VENV_OLDEST)/bin/python -m pytest
+
+# No venv, no install: the GPU machine has no package registry. It prints a skip line without CUDA.
+GPU_OUT ?= benchmarks/results/gpu-run
+gpu-check:  ## pytest -m gpu and benchmarks/gpu.py on CUDA; summary.md and summary.json in GPU_OUT
+	bash benchmarks/gpu_check.sh "$(GPU_OUT)"
 
 lint: $(STAMP)
 	$(PY) -m ruff check flexmask tests benchmarks figures
@@ -75,6 +93,7 @@ bench-quick: $(STAMP)  ## the same scripts at small sizes, a smoke run (CI; unde
 	$(PY) benchmarks/memory.py --quick
 	$(PY) benchmarks/dispatch.py --quick
 	$(PY) benchmarks/guarantees.py --quick
+	$(PY) benchmarks/gpu.py --quick --device cpu --out benchmarks/results/gpu_quick  # the script only
 
 bench-viz: $(STAMP)  ## time and peak memory of drawing 16k-131k token masks
 	$(PY) benchmarks/viz_large.py
@@ -91,4 +110,4 @@ bench-hf: $(STAMP)  ## max logit differences: trees, padding, flexmask vs sdpa o
 check: lint typecheck test-all nb figures-check
 
 clean:
-	rm -rf $(VENV) $(LEGACY_HF) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(LEGACY_HF) $(VENV_OLDEST) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -192,7 +192,9 @@ def resolve_device(mask: MaskMod, device: object) -> torch.device:
                 f"the mask {mask!r} holds meta tensors (shapes, no values), so it cannot be "
                 "evaluated; move it with mask.to('cpu') or to an accelerator."
             )
-        return held or torch.device(torch.accelerator.current_accelerator() or "cpu")
+        return held or torch.device(
+            torch.accelerator.current_accelerator(check_available=True) or "cpu"
+        )
     want = _parse_device(device, "device=...")
     if held is not None and not _same_device(held, want):
         raise ValueError(

@@ -106,8 +106,9 @@ def cpu_sparse_or_dense(call: Call, forms: MaskForms) -> Backend | None:
 
 
 def accelerator(call: Call, forms: MaskForms) -> Backend | None:
-    """On an accelerator, flex; SDPA when dropout is on (flex has none)."""
-    return "sdpa" if call.dropout else "flex"
+    """On an accelerator, flex; SDPA when dropout is on (flex has none) or when every call has
+    a new shape (Transformers' growing caches), which flex would compile afresh each time."""
+    return "sdpa" if call.dropout or call.shapes_vary else "flex"
 
 
 AUTO: tuple[Rule, ...] = (

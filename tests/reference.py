@@ -102,6 +102,22 @@ def block_kinds(dense: Tensor, block_size: int) -> Tensor:
     return torch.where(tiles == block_size * block_size, 2, (tiles > 0).long())
 
 
+def assert_same_block_tables(ours, theirs) -> None:
+    """Two BlockMasks list the same full and partial blocks for every row (indices in any order:
+    torch does not promise one), on the same device."""
+    assert ours.shape == theirs.shape and ours.BLOCK_SIZE == theirs.BLOCK_SIZE
+    for table in ("kv", "full_kv", "q", "full_q"):
+        a_num, b_num = getattr(ours, f"{table}_num_blocks"), getattr(theirs, f"{table}_num_blocks")
+        assert a_num.device == b_num.device, table
+        assert torch.equal(a_num, b_num), table
+        a_idx, b_idx = getattr(ours, f"{table}_indices"), getattr(theirs, f"{table}_indices")
+        n = a_idx.shape[-1]
+        valid = torch.arange(n, device=a_idx.device) < a_num[..., None]
+        a_sorted = torch.where(valid, a_idx, n + 1).sort(-1).values
+        b_sorted = torch.where(valid, b_idx[..., :n], n + 1).sort(-1).values
+        assert torch.equal(a_sorted, b_sorted), f"{table}_indices"
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, dense: Tensor | None, scores_fn=None) -> Tensor:
     """Float64 softmax attention by hand; rows that see nothing give zeros.
 

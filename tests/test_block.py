@@ -41,17 +41,7 @@ def test_tiles_build_the_same_block_mask_as_torch(problem, heads):
     kw = dict(block_size=block, device="cpu", cache=False, heads=heads)
     tiles = fm.block_mask(mask, q, kv, method="tiles", **kw)
     torch_bm = fm.block_mask(mask, q, kv, method="create_block_mask", compile=False, **kw)
-    assert tiles.shape == torch_bm.shape and tiles.BLOCK_SIZE == torch_bm.BLOCK_SIZE
-    tables = ["kv", "full_kv", "q", "full_q"]
-    for num, idx in ((f"{t}_num_blocks", f"{t}_indices") for t in tables):
-        a_num, b_num = getattr(tiles, num), getattr(torch_bm, num)
-        assert torch.equal(a_num, b_num), num
-        a_idx, b_idx = getattr(tiles, idx), getattr(torch_bm, idx)
-        valid = torch.arange(a_idx.shape[-1]) < a_num[..., None]  # the same sets per row
-        big = a_idx.shape[-1] + 1
-        a_sorted = torch.where(valid, a_idx, big).sort(-1).values
-        b_sorted = torch.where(valid, b_idx[..., : a_idx.shape[-1]], big).sort(-1).values
-        assert torch.equal(a_sorted, b_sorted), idx
+    ref.assert_same_block_tables(tiles, torch_bm)
 
 
 def test_tiles_refuse_plain_callables():

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import flexmask as fm
 import flexmask.dispatch as dispatch
+from flexmask.runners import MaskForms
 from flexmask.sparse_plan import _PLANS
 from tests import reference as ref
 from tests.test_attention import E, H, _dense4, golden, masks_and_oracles
@@ -194,6 +195,24 @@ def test_auto_dispatch_on_cpu(mask, grad, expected):
     module.requires_grad_(grad)
     assert module.backend_for(torch.zeros(2, 256, E), mask=mask) == expected
     assert expected in dispatch.BACKENDS  # what backend= takes
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        ({}, "flex"),
+        ({"needs_grad": True}, "flex"),  # flex trains on accelerators
+        ({"dropout": True}, "sdpa"),  # flex has no dropout
+        ({"shapes_vary": True}, "sdpa"),  # a new length every call would be a compile each
+        ({"shapes_vary": True, "score_mod": True}, "flex"),  # only flex applies a score_mod fast
+    ],
+)
+def test_auto_dispatch_on_an_accelerator(facts, expected):
+    q = torch.empty(2, H, 256, E // H, device="meta")  # not CPU: stands in for CUDA
+    forms = MaskForms(fm.sliding_window(16))
+    call = dict(needs_grad=False, dropout=False, score_mod=False, softmax_only=False,
+                decoding=False, shapes_vary=False) | facts  # fmt: skip
+    assert dispatch.choose("auto", dispatch.Call(q, 256, **call), forms) == expected
 
 
 def test_auto_dispatch_threshold_can_be_overridden():
