@@ -469,3 +469,15 @@ def test_deep_inputs_build_without_recursion_errors():
     for _ in range(49):
         want = ~(ref.causal(6, 6)[0] & want)
     assert torch.equal(dense, want)
+
+
+def test_masks_default_to_an_accelerator_only_when_one_is_present(monkeypatch):
+    """A CUDA build of torch on a machine without a GPU (torch 2.11 from PyPI) names CUDA as its
+    accelerator: masks holding no tensors must still be built on the CPU there."""
+
+    def current_accelerator(check_available=False):
+        return None if check_available else torch.device("cuda")
+
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", current_accelerator)
+    assert fm.to_dense(fm.causal(), 3).device.type == "cpu"
+    assert fm.block_mask(fm.causal(), 64, block_size=16).kv_num_blocks.device.type == "cpu"
