@@ -21,6 +21,7 @@ from .masks import (
     document,
     from_hf_attention_mask,
     full,
+    local_window,
     packed,
     padding,
     prefix_lm,
@@ -34,8 +35,8 @@ __all__ = ["FACTORIES", "ExpressionError", "parse_mask"]
 FACTORIES: dict[str, Callable[..., MaskMod]] = {
     f.__name__: f
     for f in (
-        full, causal, sliding_window, prefix_lm, padding, document, packed, chunked, tree,
-        shifted, from_hf_attention_mask,
+        full, causal, sliding_window, local_window, prefix_lm, padding, document, packed,
+        chunked, tree, shifted, from_hf_attention_mask,
     )
 }  # fmt: skip
 CHOICES = {("padding", "side"): ("right", "left")}  # the only places a string may appear

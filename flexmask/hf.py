@@ -66,6 +66,7 @@ _NO_EFFECT = frozenset({
     "cache_position", "past_key_values", "past_key_value", "use_cache", "layer_idx",
     "output_hidden_states", "output_router_logits", "num_items_in_batch", "return_dict",
     "kernel_options", "deterministic", "target_dtype", "query_length",
+    "encoder_hidden_states",  # BERT passes it along: the keys and values are made from it
 })  # fmt: skip
 
 

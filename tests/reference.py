@@ -27,6 +27,11 @@ def sliding_window(q_len: int, kv_len: int, window: int) -> Tensor:
     return (ones.tril() & ~ones.tril(-window))[None]
 
 
+def local_window(q_len: int, kv_len: int, left: int, right: int) -> Tensor:
+    ones = _ones(q_len, kv_len)
+    return (ones.tril(right) & ~ones.tril(-left - 1))[None]
+
+
 def prefix_lm(q_len: int, kv_len: int, prefix: int | list[int]) -> Tensor:
     prefixes = [prefix] if isinstance(prefix, int) else prefix
     rows = [causal(q_len, kv_len)[0] | (torch.arange(kv_len) < p)[None, :] for p in prefixes]

@@ -35,6 +35,17 @@ def test_block_mask_agrees_with_dense_block_by_block(problem):
     assert torch.equal(dense, oracle.expand_as(dense))
 
 
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_factory_marks_full_and_empty_blocks_exactly(name, block):
+    for q, kv in ((200, 200), (130, 260)):
+        mask, oracle = CASES[name](q, kv)
+        bm = fm.block_mask(mask, q, kv, block_size=block, device="cpu", cache=False)
+        kinds = block_kinds(bm)[:, 0]
+        want = ref.block_kinds(oracle, block)
+        assert torch.equal(kinds, want.expand_as(kinds)), (q, kv)
+
+
 @given(problems(), st.sampled_from([None, 3]))
 def test_tiles_build_the_same_block_mask_as_torch(problem, heads):
     mask, _, q, kv, block = problem

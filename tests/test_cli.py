@@ -44,6 +44,9 @@ def leaf(draw):
     if kind in ("sliding_window", "chunked"):
         n = draw(st.integers(1, N + 1))
         return call(kind, ast.Constant(n)), FACTORIES[kind](n)
+    if kind == "local_window":
+        left, right = draw(st.integers(0, N + 1)), draw(st.integers(0, N + 1))
+        return call(kind, ast.Constant(left), ast.Constant(right)), fm.local_window(left, right)
     if kind == "prefix_lm":
         p = draw(st.integers(0, N) | st.lists(st.integers(0, N), min_size=2, max_size=2))
         node = ast.Constant(p) if isinstance(p, int) else ints(p, t)

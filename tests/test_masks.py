@@ -33,6 +33,10 @@ CASES = {
     "causal": lambda q, kv: (fm.causal(), ref.causal(q, kv)),
     "sliding_window_1": lambda q, kv: (fm.sliding_window(1), ref.sliding_window(q, kv, 1)),
     "sliding_window_37": lambda q, kv: (fm.sliding_window(37), ref.sliding_window(q, kv, 37)),
+    "local_window_0_0": lambda q, kv: (fm.local_window(0, 0), ref.local_window(q, kv, 0, 0)),
+    # 14 and 15 keys: tiles whose corner sits exactly on the window's edge at blocks of 16
+    "local_window_15_14": lambda q, kv: (fm.local_window(15, 14), ref.local_window(q, kv, 15, 14)),
+    "local_window_14_15": lambda q, kv: (fm.local_window(14, 15), ref.local_window(q, kv, 14, 15)),
     "prefix_lm_int": lambda q, kv: (fm.prefix_lm(50), ref.prefix_lm(q, kv, 50)),
     "prefix_lm_batch": lambda q, kv: (fm.prefix_lm([0, 3, 140]), ref.prefix_lm(q, kv, [0, 3, 140])),
     "padding_right": lambda q, kv: (
@@ -100,6 +104,7 @@ PICTURES = {  # name: (mask, q_len, kv_len, oracle)
     "full": (fm.full(), 4, 4, ref.full(4, 4)),
     "causal": (fm.causal(), 4, 4, ref.causal(4, 4)),
     "sliding_window": (fm.sliding_window(3), 5, 5, ref.sliding_window(5, 5, 3)),
+    "local_window": (fm.local_window(1, 2), 5, 5, ref.local_window(5, 5, 1, 2)),
     "prefix_lm": (fm.prefix_lm(2), 4, 4, ref.prefix_lm(4, 4, 2)),
     "padding": (fm.padding([3]), 4, 4, ref.padding(4, 4, [3])),
     "document": (fm.document([0, 0, 1, 1]), 4, 4, ref.document(4, 4, [0, 0, 1, 1])),
@@ -156,6 +161,9 @@ def leaves(q, kv):
         st.just((fm.full(), ref.full(q, kv))),
         st.just((fm.causal(), ref.causal(q, kv))),
         st.integers(1, n + 1).map(lambda w: (fm.sliding_window(w), ref.sliding_window(q, kv, w))),
+        st.tuples(st.integers(0, n + 1), st.integers(0, n + 1)).map(
+            lambda w: (fm.local_window(*w), ref.local_window(q, kv, *w))
+        ),
         st.integers(0, n).map(lambda p: (fm.prefix_lm(p), ref.prefix_lm(q, kv, p))),
         st.integers(1, n + 1).map(lambda c: (fm.chunked(c), ref.chunked(q, kv, c))),
         st.lists(st.integers(0, n), min_size=2, max_size=2).map(
@@ -361,3 +369,18 @@ def test_mask_mods_work_in_torchs_compiled_apis():
     out = torch.compile(flex_attention)(q, k, v, block_mask=bm)
     want = attention(q.double(), k.double(), v.double(), oracle[:, None])
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("w", [1, 2, 5, 130])
+def test_local_window_without_keys_after_is_the_sliding_window(w):
+    for q, kv in ((200, 200), (130, 260)):
+        want = fm.to_dense(fm.sliding_window(w), q, kv)
+        assert torch.equal(fm.to_dense(fm.local_window(w - 1, 0), q, kv), want)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"), [((-1, 0), ValueError), ((0, -2), ValueError), ((1.5, 0), TypeError)]
+)
+def test_local_window_refuses_bad_sizes(args, error):
+    with pytest.raises(error, match=r"local_window\((left|right)=...\)"):
+        fm.local_window(*args)

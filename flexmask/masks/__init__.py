@@ -13,7 +13,7 @@ callables), ``leaf.py`` (masks declared by their fields), ``tiles.py`` (the tile
 
 from .algebra import and_masks, as_mask, not_mask, or_masks
 from .base import MAX_DEPTH, MaskMod, MaskModFn, check_depth
-from .basic import causal, chunked, full, prefix_lm, sliding_window
+from .basic import causal, chunked, full, local_window, prefix_lm, sliding_window
 from .documents import document, packed
 from .leaf import Leaf, Wrapper, declared, fmt_tensor
 from .offsets import shifted, with_offset
@@ -38,6 +38,7 @@ __all__ = [
     "fmt_tensor",
     "from_hf_attention_mask",
     "full",
+    "local_window",
     "not_mask",
     "or_masks",
     "packed",

@@ -1,5 +1,5 @@
-"""The masks of positions alone: ``full``, ``causal``, ``sliding_window``, ``prefix_lm``,
-``chunked``."""
+"""The masks of positions alone: ``full``, ``causal``, ``sliding_window``, ``local_window``,
+``prefix_lm``, ``chunked``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .base import MaskMod
 from .leaf import Leaf, declared, fmt_tensor, row_of
 from .tiles import Tiles
 
-__all__ = ["causal", "chunked", "full", "prefix_lm", "sliding_window"]
+__all__ = ["causal", "chunked", "full", "local_window", "prefix_lm", "sliding_window"]
 
 
 @declared
@@ -131,6 +131,59 @@ def sliding_window(window: int) -> MaskMod:
         [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
     """
     return _SlidingWindow(check_int(window, "sliding_window(window=...)"))
+
+
+@declared
+class _LocalWindow(Leaf):
+    left: int
+    right: int
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (kv_idx >= q_idx - self.left) & (kv_idx <= q_idx + self.right)
+
+    def _expr(self) -> str:
+        return f"local_window({self.left}, {self.right})"
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        t, lo, hi = tiles, -self.left, self.right  # kv - q must lie in [lo, hi]
+        return (t.k0 - t.q1 >= lo) & (t.k1 - t.q0 <= hi), (t.k1 - t.q0 >= lo) & (t.k0 - t.q1 <= hi)
+
+
+def local_window(left: int, right: int) -> MaskMod:
+    """Each query sees the ``left`` keys before it, itself and the ``right`` keys after it.
+
+    Keeps ``q_idx - left <= kv_idx <= q_idx + right``: flash-attn's ``window_size=(left, right)``,
+    xformers' local attention, Transformers' bidirectional sliding window
+    (``local_window(w, w)``). ``local_window(w - 1, 0)`` is ``sliding_window(w)``. For
+    ``local_window(1, 2)``, 5 tokens::
+
+        ■ ■ ■ ⬚ ⬚
+        ■ ■ ■ ■ ⬚
+        ⬚ ■ ■ ■ ■
+        ⬚ ⬚ ■ ■ ■
+        ⬚ ⬚ ⬚ ■ ■
+
+    Args:
+        left: keys before the query it sees (>= 0).
+        right: keys after the query it sees (>= 0).
+
+    Raises:
+        TypeError: if ``left`` or ``right`` is not an int.
+        ValueError: if either is negative.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.to_dense(fm.local_window(1, 1), 3, 3)[0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
+    """
+    return _LocalWindow(
+        check_int(left, "local_window(left=...)", minimum=0),
+        check_int(right, "local_window(right=...)", minimum=0),
+    )
 
 
 @declared
