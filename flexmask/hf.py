@@ -35,6 +35,7 @@ from .candidates import Tree
 from .coverage import DenseMask
 from .dense import to_hf_4d
 from .dispatch import BACKENDS, Call, choose
+from .hf_mask_functions import restarted_documents, translate
 from .masks import MaskMod, as_mask, causal, from_hf_attention_mask, full, shifted, sliding_window
 from .runners import RUNNERS, MaskForms, Options, ScoreModFn
 
@@ -167,8 +168,10 @@ def _mask_function(
         mask: MaskMod = causal()
     elif mask_function is bidirectional_mask_function:
         mask = full()
-    else:
-        mask = as_mask(mask_function, name="Transformers' mask_function")
+    else:  # Transformers' closures as flexmask masks (cached by value); others as callables
+        mask = translate(mask_function) or as_mask(
+            mask_function, name="Transformers' mask_function"
+        )
     if attention_mask is not None and not bool(attention_mask.all()):
         # A 2-D mask pads keys only (Transformers' padding_mask_function); its columns are
         # absolute key positions. Cross-attention: keys are the encoder's, queries not.
@@ -231,6 +234,7 @@ class _Features:
     is_causal: bool
     sliding_window: int | None
     override: MaskMod | None  # flexmask_mask
+    position_ids: Tensor | None  # [B or 1, q_len]: documents of a packed row, with the override
 
     @classmethod
     def read(cls, module: torch.nn.Module, kwargs: dict[str, Any]) -> _Features:
@@ -261,6 +265,7 @@ class _Features:
             is_causal=getattr(module, "is_causal", True) if is_causal is None else is_causal,
             sliding_window=kwargs.get("sliding_window"),
             override=None if override is None else as_mask(override, name="flexmask_mask"),
+            position_ids=kwargs.get("position_ids"),
         )
 
     def score_mod(self) -> ScoreModFn | None:
@@ -282,7 +287,9 @@ def _layer_forms(
     carries)."""
     q_len, kv_len = query.shape[2], key.shape[2]
     if f.override is not None:  # absolute positions: the queries end where the keys end
-        return MaskForms(_local(f.override, q_len, kv_len)), None
+        documents = restarted_documents(f.position_ids, q_len, kv_len)  # a packed row
+        mask = f.override if documents is None else f.override & documents
+        return MaskForms(_local(mask, q_len, kv_len)), None
     if isinstance(attention_mask, HFMask):
         return MaskForms(attention_mask.mask), None  # causality and windows are in it
     if attention_mask is None:
