@@ -93,7 +93,7 @@ def _translate(fn: Callable[..., Any], in_documents: bool) -> MaskMod | None:
         children = list(cells["mask_functions"])
         # remap_positions_for_packed_sequence is only sound next to the packed-sequence mask
         in_documents |= kind == "and" and any(_kind(c) == "packed" for c in children)
-        parts = []
+        parts: list[MaskMod] = []
         windows = [c for c in children if _kind(c) == "window overlay"]
         if kind == "and" and windows and mu.causal_mask_function in children:
             # Transformers' sliding window, causal & (kv > q - w): one leaf, its usual name
@@ -104,9 +104,11 @@ def _translate(fn: Callable[..., Any], in_documents: bool) -> MaskMod | None:
             children = [
                 c for c in children if c not in windows and c is not mu.causal_mask_function
             ]
-        parts += [_translate(c, in_documents) for c in children]
-        if any(p is None for p in parts):
-            return None
+        for child in children:
+            part = _translate(child, in_documents)
+            if part is None:
+                return None
+            parts.append(part)
         if kind == "and":  # full() & m is m (bidirectional_mask_function & a window)
             parts = [p for p in parts if p != full()] or [full()]
         if not parts:  # or_masks() keeps nothing

@@ -146,8 +146,10 @@ def transformers_mask_functions():
             fm.local_window(2, 2),
         ),
         "packed, windowed": (
-            mu.and_masks(mu.remap_positions_for_packed_sequence(window, pos),
-                         mu.packed_sequence_mask_function(docs)),  # fmt: skip
+            mu.and_masks(
+                mu.remap_positions_for_packed_sequence(window, pos),
+                mu.packed_sequence_mask_function(docs),
+            ),
             fm.sliding_window(3) & fm.document(docs),
         ),
         "padding": (
