@@ -17,7 +17,7 @@ from ._checks import (
     resolve_device,
 )
 from .evaluation import block_kinds, evaluate_tiles, partial_tiles
-from .masks import MaskModFn, as_mask, with_offset
+from .masks import MaskMod, MaskModFn, as_mask, with_offset
 
 __all__ = ["block_mask_to_dense", "to_additive", "to_dense", "to_hf_4d"]
 
@@ -66,6 +66,8 @@ def to_dense(
         dev,
     )
     bound = m.bind(q_len, kv_len)
+    if bound.sealed and batch * nh * q_len * kv_len <= _BROADCAST_PAIRS:
+        return _broadcast(bound, batch, nh, q_len, kv_len, dev)
     out = torch.empty(batch, nh, q_len, kv_len, dtype=torch.bool, device=dev)
     b = torch.arange(batch, device=dev).repeat_interleave(nh)
     h = torch.arange(nh, device=dev).repeat(batch)
@@ -76,6 +78,21 @@ def to_dense(
         tiles = evaluate_tiles(bound, b, h, zero + q0, zero, n, kv_len, q_len, kv_len)
         out[:, :, q0 : q0 + n] = tiles.view(batch, nh, n, kv_len)
     return out
+
+
+_BROADCAST_PAIRS = 1 << 16
+
+
+def _broadcast(
+    mask: MaskMod, batch: int, heads: int, q_len: int, kv_len: int, device: torch.device
+) -> Tensor:
+    """A small mask in one call on broadcast indices. flexmask's own masks are written with
+    broadcasting tensor operations; vmap (which takes any mask_mod) costs about a millisecond a
+    call, the whole price of a decode step's mask. Built outside inference mode, as cached."""
+    b, h, q, kv = (torch.arange(n, device=device) for n in (batch, heads, q_len, kv_len))
+    with torch.inference_mode(False), torch.no_grad():
+        out = mask(b[:, None, None, None], h[None, :, None, None], q[:, None], kv[None, :])
+    return out.expand(batch, heads, q_len, kv_len).contiguous()
 
 
 def to_hf_4d(

@@ -43,7 +43,6 @@ try:
     from transformers import AttentionInterface
     from transformers.masking_utils import (
         AttentionMaskInterface,
-        bidirectional_mask_function,
         causal_mask_function,
     )
 except ImportError as err:  # pragma: no cover - the hf extra is missing
@@ -164,14 +163,8 @@ def _mask_function(
     if kv_length is None:
         raise TypeError("flexmask mask function: Transformers passed no kv_length.")
     q_offset = int(q_offset)
-    if mask_function is causal_mask_function:  # the common cases, as structured masks
-        mask: MaskMod = causal()
-    elif mask_function is bidirectional_mask_function:
-        mask = full()
-    else:  # Transformers' closures as flexmask masks (cached by value); others as callables
-        mask = translate(mask_function) or as_mask(
-            mask_function, name="Transformers' mask_function"
-        )
+    # Transformers' own mask functions as flexmask masks (cached by value); others as callables
+    mask = translate(mask_function) or as_mask(mask_function, name="Transformers' mask_function")
     if attention_mask is not None and not bool(attention_mask.all()):
         # A 2-D mask pads keys only (Transformers' padding_mask_function); its columns are
         # absolute key positions. Cross-attention: keys are the encoder's, queries not.
@@ -180,7 +173,9 @@ def _mask_function(
         if am.shape[1] < frame:  # a static cache longer than the tokens seen: the rest is empty
             am = torch.nn.functional.pad(am, (0, frame - am.shape[1]), value=False)
         mask = mask & from_hf_attention_mask(am, keys_only=True)
-    if q_offset or kv_offset:
+    if mask == causal() and q_length == 1 and q_offset >= kv_offset + kv_length - 1:
+        mask = full()  # one query after every key (a decode step): SDPA needs no mask at all
+    elif q_offset or kv_offset:
         mask = shifted(mask, q_offset, kv_offset)
     return HFMask(mask, (batch_size, 1, q_length, kv_length))
 
