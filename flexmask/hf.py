@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
 
 from .candidates import Tree
 from .coverage import DenseMask
@@ -70,13 +71,30 @@ _NO_EFFECT = frozenset({
 })  # fmt: skip
 
 
-@dataclass(frozen=True)
-class HFMask:
+class HFMask(BlockMask):
     """What flexmask's mask function hands its attention function: the layer's mask in local
-    coordinates (queries ``0..q_len-1``, keys ``0..kv_len-1``)."""
+    coordinates (queries ``0..q_len-1``, keys ``0..kv_len-1``) and its 4-D ``shape``.
 
-    mask: MaskMod
-    shape: tuple[int, int, int, int]  # (batch, 1, q_len, kv_len), like a 4-D mask
+    A BlockMask by type only (none of its tables exist): with a static cache, ``generate`` builds
+    every mask before the forward pass, and the model passes a prepared 4-D mask through
+    unchanged only when it is a Tensor or a BlockMask. flexmask's attention function is the one
+    reader of it.
+    """
+
+    def __init__(self, mask: MaskMod, shape: tuple[int, int, int, int]) -> None:
+        self.mask = mask
+        self._shape = shape  # (batch, 1, q_len, kv_len)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:  # type: ignore[override]
+        return self._shape
+
+    @property
+    def ndim(self) -> int:  # models test it to tell a prepared 4-D mask from a 2-D one
+        return 4
+
+    def __repr__(self) -> str:
+        return f"HFMask({self.mask!r}, shape={self._shape})"
 
 
 def register(name: str = "flexmask", *, backend: str = "auto") -> str:
@@ -162,7 +180,8 @@ def _mask_function(
         q_length, q_offset = cache_position.shape[0], cache_position[0]
     if kv_length is None:
         raise TypeError("flexmask mask function: Transformers passed no kv_length.")
-    q_offset = int(q_offset)
+    # A static cache gives the offset as a tensor: kept one, flex does not recompile per step.
+    offset = int(q_offset)
     # Transformers' own mask functions as flexmask masks (cached by value); others as callables
     mask = translate(mask_function) or as_mask(mask_function, name="Transformers' mask_function")
     if attention_mask is not None and not bool(attention_mask.all()):
@@ -173,10 +192,10 @@ def _mask_function(
         if am.shape[1] < frame:  # a static cache longer than the tokens seen: the rest is empty
             am = torch.nn.functional.pad(am, (0, frame - am.shape[1]), value=False)
         mask = mask & from_hf_attention_mask(am, keys_only=True)
-    if mask == causal() and q_length == 1 and q_offset >= kv_offset + kv_length - 1:
+    if mask == causal() and q_length == 1 and offset >= kv_offset + kv_length - 1:
         mask = full()  # one query after every key (a decode step): SDPA needs no mask at all
-    elif q_offset or kv_offset:
-        mask = shifted(mask, q_offset, kv_offset)
+    elif isinstance(q_offset, Tensor) or offset or kv_offset:
+        mask = shifted(mask, q_offset if isinstance(q_offset, Tensor) else offset, kv_offset)
     return HFMask(mask, (batch_size, 1, q_length, kv_length))
 
 

@@ -82,12 +82,19 @@ def test_padded_prefill_equals_eager_layer_by_layer(name):
     assert (unmasked[-1][rows] - got[-1][rows]).abs().max() > 0.1  # the mask matters here
 
 
-@pytest.mark.parametrize("name", GENERATORS)
-def test_cached_greedy_generate_equals_eager(name):
+@pytest.mark.parametrize(
+    ("name", "cache"),
+    [(n, "dynamic") for n in GENERATORS] + [(n, "static") for n in DECODERS],
+)
+def test_cached_greedy_generate_equals_eager(name, cache):
+    """Greedy decoding with Transformers' growing cache, and with a static one (the masks are
+    then built before each forward pass, with the offset as a tensor)."""
     kind = FAMILIES[name].kind
     ids, am = padded("left" if kind == "decoder" else "right")
     kw = dict(attention_mask=am, max_new_tokens=6, min_new_tokens=6, do_sample=False,
               pad_token_id=0, output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    if cache == "static":
+        kw["cache_implementation"] = "static"
     with torch.no_grad():
         got = model(name, "flexmask").generate(ids, **kw)
         for ref in references(name):
@@ -225,3 +232,26 @@ def test_tree_positions_are_never_read_as_documents(name, use_cache):
             ids = torch.cat([context, tree.tokens[path]])[None]
             alone = model(name, "eager")(ids).logits[0, 3:]
             assert (nodes[path] - alone).abs().max() <= ATOL
+
+
+@pytest.mark.slow
+def test_flex_generate_with_a_static_cache_compiles_once_per_shape():
+    """backend="flex" under generate: a static cache keeps every step's shapes, and the step's
+    offset is a tensor, so ten tokens compile two graphs (the prefill's and the step's), not
+    one per length."""
+    from torch._dynamo.utils import counters
+
+    name = hf.register("flexmask-flex", backend="flex")
+    try:
+        flex, ref = FAMILIES["llama"].build(name), model("llama", "sdpa")
+        ids, am = padded("left")
+        kw = dict(attention_mask=am, do_sample=False, pad_token_id=0, max_new_tokens=10,
+                  min_new_tokens=10, cache_implementation="static")  # fmt: skip
+        torch._dynamo.reset()
+        counters.clear()
+        with torch.no_grad():
+            got, want = flex.generate(ids, **kw), ref.generate(ids, **kw)
+        assert counters["stats"]["unique_graphs"] == 2
+        assert torch.equal(got, want)
+    finally:
+        hf.unregister(name)
