@@ -86,7 +86,7 @@ class HFMask(BlockMask):
         self._shape = shape  # (batch, 1, q_len, kv_len)
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:  # type: ignore[override]
+    def shape(self) -> tuple[int, int, int, int]:
         return self._shape
 
     @property
