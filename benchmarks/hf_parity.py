@@ -1,144 +1,117 @@
-"""Max logit differences of flexmask's Transformers support, model × attention × case:
+"""The Transformers parity matrix: family x feature x max |Δ| of flexmask against the family's own
+eager attention (and sdpa where it has one), on the tiny models of ``tests/hf_families.py``:
 ``make bench-hf``. Writes ``benchmarks/results/hf_parity.{json,md}``.
 
-Cases: a tree of candidates in one pass vs each path alone (trie, and a tree with duplicated
-branches); a left-padded batch vs each prompt alone (real tokens); and, for the flexmask
-backend, flexmask vs sdpa on a padded prefill and on cached greedy decode steps.
+Features: a padded prefill (the largest difference over every layer's hidden states and the
+output, on real tokens); cached greedy ``generate`` with Transformers' growing cache and with a
+static one (the tokens must be identical; the cell is the largest score difference); a packed
+row (documents marked by restarting position ids) against the same row under eager, and against
+each document run alone where the family packs; a tree of candidates through ``verify_tree``
+against each path run alone. ``tests/test_hf_families.py`` asserts every cell <= 1e-5.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import torch
 import transformers
 from _results import save
 
-import flexmask as fm
-import flexmask.hf as hf
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' model zoo
 
-VOCAB, IMPLS, KINDS = 97, ("eager", "sdpa", "flexmask"), ("llama", "qwen2", "gpt2")
-TREES = {
-    "tree (trie)": fm.Tree.from_paths([[5, 6, 7], [5, 6, 8], [5, 9], [40, 41]]),
-    "tree (duplicates)": fm.Tree.from_parents(
-        [-1, 0, 1, -1, 3, 4, -1, 6, 7], [11, 12, 13, 11, 12, 14, 11, 12, 13]
-    ),
-}
-PROMPTS = [[5, 6, 7, 8, 9, 10], [21, 22, 23], [31, 32, 33, 34]]
+import flexmask as fm  # noqa: E402
+import flexmask.hf as hf  # noqa: E402
+from tests.hf_families import FAMILIES, PROMPTS, packed_row, padded  # noqa: E402
+
+COLUMNS = ["prefill", "generate", "generate (static cache)", "packed row",
+           "packed: documents alone", "tree: paths alone"]  # fmt: skip
 
 
-def tiny(kind: str, impl: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        cfg = transformers.GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            n_positions=128,
-            bos_token_id=None,
-            eos_token_id=None,
-        )
-        return transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation=impl).eval()
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    config, cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }[kind]
-    return cls._from_config(config(**common), attn_implementation=impl).eval()
+def outputs(model: torch.nn.Module, kind: str, **inputs) -> list[torch.Tensor]:
+    out = model(**inputs, output_hidden_states=True)
+    if kind == "encoder-decoder":
+        return [*out.encoder_hidden_states, *out.decoder_hidden_states, out.logits]
+    return [*out.hidden_states, out.logits if kind == "decoder" else out.last_hidden_state]
 
 
-@torch.no_grad()
-def tree_diff(model: torch.nn.Module, impl: str, tree: fm.Tree) -> float:
-    ctx = torch.arange(20, 26)
-    x = hf.tree_inputs(ctx, tree)
-    mask = (
-        {"flexmask_mask": x["flexmask_mask"]}
-        if impl == "flexmask"
-        else {"attention_mask": x["attention_mask"]}
-    )
-    nodes = model(x["input_ids"], position_ids=x["position_ids"], **mask).logits[0, 6:]
-    worst = 0.0
+def worst(got: list[torch.Tensor], want: list[torch.Tensor], rows=...) -> float:
+    return max(float((a[rows] - b[rows]).abs().max()) for a, b in zip(got, want, strict=True))
+
+
+def prefill(ours, ref, kind: str) -> float:
+    ids, am = padded("left" if kind == "decoder" else "right")
+    inputs = {"input_ids": ids, "attention_mask": am}
+    rows = am.bool()
+    if kind == "encoder-decoder":
+        inputs["decoder_input_ids"], rows = ids[:, :5], ...
+    return worst(outputs(ours, kind, **inputs), outputs(ref, kind, **inputs), rows)
+
+
+def generate(ours, ref, kind: str, cache: str) -> float:
+    ids, am = padded("left" if kind == "decoder" else "right")
+    kw = dict(attention_mask=am, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+              cache_implementation=cache)  # fmt: skip
+    a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    if not torch.equal(a.sequences, b.sequences):
+        return float("inf")  # other tokens: printed as such, and the test fails
+    return max(float((x - y).abs().max()) for x, y in zip(a.scores, b.scores, strict=True))
+
+
+def packed(ours, ref) -> float:
+    ids, pos = packed_row()
+    kw = {"input_ids": ids, "position_ids": pos, "use_cache": False}
+    return worst(outputs(ours, "decoder", **kw), outputs(ref, "decoder", **kw))
+
+
+def documents_alone(ours, eager) -> float:
+    ids, pos = packed_row()
+    got = ours(ids, position_ids=pos, use_cache=False).logits[0]
+    alone = torch.cat([eager(torch.tensor([p])).logits[0] for p in PROMPTS])
+    return float((got - alone).abs().max())
+
+
+def tree_paths(ours, eager) -> float:
+    context, tree = torch.tensor([40, 41]), fm.Tree.from_paths([[5, 6], [5, 7], [8]])
+    result = hf.verify_tree(ours, context, tree)
+    out = 0.0
     for row in tree.paths:
         path = row[row >= 0]
-        alone = model(torch.cat([ctx, tree.tokens[path]])[None]).logits[0, 6:]
-        worst = max(worst, float((nodes[path] - alone).abs().max()))
-    return worst
-
-
-def left_padded() -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(map(len, PROMPTS))
-    ids = torch.zeros(len(PROMPTS), n, dtype=torch.long)
-    am = torch.zeros_like(ids)
-    for i, p in enumerate(PROMPTS):
-        ids[i, n - len(p) :], am[i, n - len(p) :] = torch.tensor(p), 1
-    return ids, am
+        alone = eager(torch.cat([context, tree.tokens[path]])[None]).logits[0, len(context) :]
+        out = max(out, float((result.logits[path] - alone).abs().max()))
+    return out
 
 
 @torch.no_grad()
-def padding_diff(model: torch.nn.Module) -> float:
-    ids, am = left_padded()
-    out = model(ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits
-    return max(
-        float((out[i, -len(p) :] - model(torch.tensor([p])).logits[0]).abs().max())
-        for i, p in enumerate(PROMPTS)
-    )
-
-
-@torch.no_grad()
-def vs_sdpa(model: torch.nn.Module, ref: torch.nn.Module) -> tuple[float, float]:
-    ids, am = left_padded()
-    real = am.bool()
-    prefill = float(
-        (model(ids, attention_mask=am).logits - ref(ids, attention_mask=am).logits)[real]
-        .abs()
-        .max()
-    )
-    kw = dict(
-        attention_mask=am,
-        max_new_tokens=6,
-        do_sample=False,
-        pad_token_id=0,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    a, b = model.generate(ids, **kw), ref.generate(ids, **kw)
-    assert torch.equal(a.sequences, b.sequences)
-    decode = max(float((x - y).abs().max()) for x, y in zip(a.scores, b.scores, strict=True))
-    return prefill, decode
-
-
 def main() -> None:
     hf.register("flexmask")
     rows = []
-    for kind in KINDS:
-        models = {impl: tiny(kind, impl) for impl in IMPLS}
-        for impl, model in models.items():
-            cells = {name: tree_diff(model, impl, t) for name, t in TREES.items()}
-            cells["left padding"] = padding_diff(model)
-            if impl == "flexmask":
-                cells["vs sdpa, prefill"], cells["vs sdpa, cached decode"] = vs_sdpa(
-                    model, models["sdpa"]
-                )
-            rows.append({"model": kind, "attention": impl, **cells})
-            print(rows[-1])
-    cols = [
-        "tree (trie)",
-        "tree (duplicates)",
-        "left padding",
-        "vs sdpa, prefill",
-        "vs sdpa, cached decode",
-    ]
-    save("hf_parity", rows, ["model", "attention", *cols], "ll" + "r" * len(cols),
-         lambda r: [r["model"], r["attention"], *(f"{r[c]:.1e}" if c in r else "—" for c in cols)],
+    for name, family in FAMILIES.items():
+        ours = family.build("flexmask")
+        refs = ["eager", "sdpa"] if family.sdpa else ["eager"]
+        models = {r: family.build(r) for r in refs}
+        for ref, model in models.items():
+            cells: dict[str, float | None] = dict.fromkeys(COLUMNS)
+            cells["prefill"] = prefill(ours, model, family.kind)
+            if family.kind != "encoder":
+                cells["generate"] = generate(ours, model, family.kind, "dynamic")
+            if family.kind == "decoder":
+                cells["generate (static cache)"] = generate(ours, model, "decoder", "static")
+                cells["packed row"] = packed(ours, model)
+                if ref == "eager":
+                    cells["tree: paths alone"] = tree_paths(ours, model)
+                    if family.packing:
+                        cells["packed: documents alone"] = documents_alone(ours, model)
+            rows.append({"family": name, "kind": family.kind, "against": ref, **cells})
+            print(rows[-1], flush=True)
+
+    def cell(x: float | None) -> str:
+        return "—" if x is None else ("other tokens" if x == float("inf") else f"{x:.1e}")
+
+    save("hf_parity", rows, ["family", "kind", "flexmask vs", *COLUMNS], "lll" + "r" * len(COLUMNS),
+         lambda r: [r["family"], r["kind"], r["against"], *(cell(r[c]) for c in COLUMNS)],
          transformers=transformers.__version__)  # fmt: skip
 
 

@@ -33,11 +33,14 @@ class Coverage:
     rows: Tensor  # the query sees some key
     hidden_q: Tensor  # a query that sees nothing, computed all the same
     hidden_k: Tensor  # a key that no query sees, computed all the same
-    complete: bool  # nothing to zero
+    any_hidden_q: bool  # found once, so that each call skips what has nothing to zero
+    any_hidden_k: bool
+    every_row: bool  # every query sees some key: no output row to zero
 
     @classmethod
     def of(cls, rows: Tensor, hidden_q: Tensor, hidden_k: Tensor) -> Coverage:
-        return cls(rows, hidden_q, hidden_k, not (bool(hidden_q.any()) or bool(hidden_k.any())))
+        return cls(rows, hidden_q, hidden_k, bool(hidden_q.any()), bool(hidden_k.any()),
+                   bool(rows.all()))  # fmt: skip
 
     @classmethod
     def of_dense(cls, dense: Tensor) -> Coverage:
@@ -48,12 +51,19 @@ class Coverage:
     def hide(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``q [B, H, S, D]``, ``k`` and ``v [B, H_kv, S_kv, D]`` with the hidden queries and keys
         zeroed (the inputs themselves when nothing needs it)."""
-        if self.complete:
-            return q, k, v
-        hidden_k = self.hidden_k
-        if hidden_k.shape[1] not in (1, k.shape[1]):  # per query head: a key head serves a group
-            hidden_k = hidden_k.view(hidden_k.shape[0], k.shape[1], -1, hidden_k.shape[-1]).all(2)
-        return _zeroed(q, self.hidden_q), _zeroed(k, hidden_k), _zeroed(v, hidden_k)
+        if self.any_hidden_q:
+            q = _zeroed(q, self.hidden_q)
+        if self.any_hidden_k:
+            hidden_k = self.hidden_k
+            if hidden_k.shape[1] not in (
+                1,
+                k.shape[1],
+            ):  # per query head: a key head serves a group
+                hidden_k = hidden_k.view(hidden_k.shape[0], k.shape[1], -1, hidden_k.shape[-1]).all(
+                    2
+                )
+            k, v = _zeroed(k, hidden_k), _zeroed(v, hidden_k)
+        return q, k, v
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ class DenseMask:
     @classmethod
     def of(cls, allowed: Tensor) -> DenseMask:
         cover = Coverage.of_dense(allowed)
-        return cls(allowed, cover, allowed | ~cover.rows[..., None])
+        return cls(allowed, cover, allowed if cover.every_row else allowed | ~cover.rows[..., None])
 
 
 def as_dense_mask(mask: DenseMask | Tensor | None) -> DenseMask | None:
@@ -127,6 +137,8 @@ def _zeroed(x: Tensor, flags: Tensor) -> Tensor:
     flags = flags.expand(x.shape[0], x.shape[1], -1)
     if x.device.type != "cpu":  # no host sync on accelerators: one pass at memory bandwidth
         return x.masked_fill(flags[..., None], 0.0)
+    if x.numel() <= 1 << 16 and bool(x.isfinite().all()):
+        return x  # small (a decode step): one pass costs less than finding the flagged rows
     index = flags.nonzero(as_tuple=True)
     if not index[0].numel() or bool(x[index].isfinite().all()):
         return x  # finite values under a zero probability (or gradient) change nothing

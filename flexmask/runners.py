@@ -193,7 +193,9 @@ def masked_sdpa(
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=dense.sdpa_mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
     )
-    return out.masked_fill(~dense.coverage.rows[..., None], 0.0)
+    return (
+        out if dense.coverage.every_row else out.masked_fill(~dense.coverage.rows[..., None], 0.0)
+    )
 
 
 def softmax_attention(

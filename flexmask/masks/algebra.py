@@ -91,9 +91,9 @@ class _Composite(MaskMod):
     def _key(self) -> tuple[Any, ...] | None:
         # Children compare with their own __eq__ (identity for tensor masks), so this is a key
         # for value comparison even when a child is identity-compared (see cache_key).
-        if all(c._key() is not None for c in self.parts):
-            return self.parts
-        return None
+        if not hasattr(self, "_value_key"):  # immutable: found once
+            self._value_key = self.parts if all(c._key() is not None for c in self.parts) else None
+        return self._value_key
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.parts == other.parts

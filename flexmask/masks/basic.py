@@ -33,6 +33,9 @@ class _Full(Leaf):
         return true, true
 
 
+_FULL = _Full()  # masks are immutable: one of each, so `m == full()` is usually `is`
+
+
 def full() -> MaskMod:
     """Every query sees every key (bidirectional attention).
 
@@ -50,7 +53,7 @@ def full() -> MaskMod:
         >>> fm.to_dense(fm.full(), 2, 3).all().item()
         True
     """
-    return _Full()
+    return _FULL
 
 
 @declared
@@ -69,6 +72,9 @@ class _Causal(Leaf):
         return tiles.k1 <= tiles.q0, tiles.k0 <= tiles.q1
 
 
+_CAUSAL = _Causal()
+
+
 def causal() -> MaskMod:
     """Each query sees itself and the keys before it, top-left aligned (as FlexAttention).
 
@@ -84,7 +90,7 @@ def causal() -> MaskMod:
         >>> fm.to_dense(fm.causal(), 3, 3)[0, 0].int().tolist()
         [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     """
-    return _Causal()
+    return _CAUSAL
 
 
 @declared

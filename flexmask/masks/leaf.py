@@ -42,10 +42,13 @@ class Leaf(MaskMod):
     _sealed = True
 
     def __post_init__(self) -> None:
+        # The fields never change (frozen): read them once, not on every comparison and key.
+        values = [getattr(self, f.name) for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+        object.__setattr__(self, "_field_values", values)
         check_depth(self.depth)
 
     def _values(self) -> list[object]:
-        return [getattr(self, f.name) for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+        return self._field_values  # type: ignore[attr-defined]
 
     def _masks(self) -> list[MaskMod]:
         return [v for v in self._values() if isinstance(v, MaskMod)]
@@ -60,11 +63,12 @@ class Leaf(MaskMod):
         return out
 
     def _key(self) -> tuple[Any, ...] | None:
-        values = self._values()
-        if any(isinstance(v, Tensor) or (isinstance(v, MaskMod) and v._key() is None)
-               for v in values):  # fmt: skip
-            return None
-        return tuple(values)
+        if "_value_key" not in self.__dict__:  # immutable: found once
+            values = self._values()
+            scalar = not any(isinstance(v, Tensor) or (isinstance(v, MaskMod) and v._key() is None)
+                             for v in values)  # fmt: skip
+            object.__setattr__(self, "_value_key", tuple(values) if scalar else None)
+        return self.__dict__["_value_key"]
 
     def _moved(self, device: torch.device) -> MaskMod:
         changes: dict[str, object] = {}
