@@ -26,7 +26,7 @@ MODELS = {
     "4 layers, width 256": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                 num_attention_heads=8, num_key_value_heads=4),
 }  # fmt: skip
-NEW, REPEATS = 16, 5
+NEW, REPEATS = 24, 9
 
 
 def build(shape: dict, impl: str) -> torch.nn.Module:

@@ -184,6 +184,9 @@ def _mask_function(
     offset = int(q_offset)
     # Transformers' own mask functions as flexmask masks (cached by value); others as callables
     mask = translate(mask_function) or as_mask(mask_function, name="Transformers' mask_function")
+    if mask == causal() and q_length == 1 and offset >= kv_offset + kv_length - 1:
+        mask = full()  # one query after every key (a decode step): causality hides nothing
+    query_free = mask == full()  # reads no query position: their offset changes nothing
     if attention_mask is not None and not bool(attention_mask.all()):
         # A 2-D mask pads keys only (Transformers' padding_mask_function); its columns are
         # absolute key positions. Cross-attention: keys are the encoder's, queries not.
@@ -191,10 +194,9 @@ def _mask_function(
         am = attention_mask[:, :frame]
         if am.shape[1] < frame:  # a static cache longer than the tokens seen: the rest is empty
             am = torch.nn.functional.pad(am, (0, frame - am.shape[1]), value=False)
-        mask = mask & from_hf_attention_mask(am, keys_only=True)
-    if mask == causal() and q_length == 1 and offset >= kv_offset + kv_length - 1:
-        mask = full()  # one query after every key (a decode step): SDPA needs no mask at all
-    elif isinstance(q_offset, Tensor) or offset or kv_offset:
+        keys = from_hf_attention_mask(am, keys_only=True)
+        mask = keys if query_free else mask & keys
+    if (isinstance(q_offset, Tensor) or offset or kv_offset) and not (query_free and not kv_offset):
         mask = shifted(mask, q_offset if isinstance(q_offset, Tensor) else offset, kv_offset)
     return HFMask(mask, (batch_size, 1, q_length, kv_length))
 
