@@ -94,6 +94,7 @@ bench-quick: $(STAMP)  ## the same scripts at small sizes, a smoke run (CI; unde
 	$(PY) benchmarks/dispatch.py --quick
 	$(PY) benchmarks/guarantees.py --quick
 	$(PY) benchmarks/gpu.py --quick --device cpu --out benchmarks/results/gpu_quick  # the script only
+	$(PY) benchmarks/hf_decode.py --quick
 
 bench-viz: $(STAMP)  ## time and peak memory of drawing 16k-131k token masks
 	$(PY) benchmarks/viz_large.py
@@ -104,8 +105,9 @@ bench-blocks: $(STAMP)  ## BlockMask building: tile builder vs torch's create_bl
 bench-decode: $(STAMP)  ## decode-step latency with a KVCache: flex vs SDPA with the dense step mask
 	$(PY) benchmarks/decode.py
 
-bench-hf: $(STAMP)  ## max logit differences: trees, padding, flexmask vs sdpa on tiny HF models
+bench-hf: $(STAMP)  ## Transformers: the parity matrix (15 families) and decode latency against sdpa
 	$(PY) benchmarks/hf_parity.py
+	$(PY) benchmarks/hf_decode.py
 
 check: lint typecheck test-all nb figures-check
 

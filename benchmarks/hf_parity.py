@@ -21,9 +21,9 @@ from _results import save
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' model zoo
 
-import flexmask as fm  # noqa: E402
-import flexmask.hf as hf  # noqa: E402
-from tests.hf_families import FAMILIES, PROMPTS, packed_row, padded  # noqa: E402
+import flexmask as fm
+import flexmask.hf as hf
+from tests.hf_families import FAMILIES, PROMPTS, packed_row, padded
 
 COLUMNS = ["prefill", "generate", "generate (static cache)", "packed row",
            "packed: documents alone", "tree: paths alone"]  # fmt: skip

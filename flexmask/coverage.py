@@ -3,6 +3,7 @@ so that NaN there stays out; and the dense masks the SDPA backend takes, with th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -137,8 +138,10 @@ def _zeroed(x: Tensor, flags: Tensor) -> Tensor:
     flags = flags.expand(x.shape[0], x.shape[1], -1)
     if x.device.type != "cpu":  # no host sync on accelerators: one pass at memory bandwidth
         return x.masked_fill(flags[..., None], 0.0)
-    if x.numel() <= 1 << 16 and bool(x.isfinite().all()):
-        return x  # small (a decode step): one pass costs less than finding the flagged rows
+    if x.numel() <= 1 << 16 and math.isfinite(float(x.detach().sum())):
+        # Small (a decode step): one pass costs less than finding the flagged rows. A NaN or an
+        # infinity makes the sum NaN or infinite; a finite sum means every value is finite.
+        return x
     index = flags.nonzero(as_tuple=True)
     if not index[0].numel() or bool(x[index].isfinite().all()):
         return x  # finite values under a zero probability (or gradient) change nothing

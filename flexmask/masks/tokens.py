@@ -220,7 +220,9 @@ def from_hf_attention_mask(attention_mask: Tensor, *, keys_only: bool = False) -
             f"{call} needs values (at least one row and one position, not a meta tensor), got "
             f"shape {tuple(attention_mask.shape)} on {attention_mask.device}."
         )
-    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+    if attention_mask.dtype != torch.bool and bool(
+        ((attention_mask != 0) & (attention_mask != 1)).any()
+    ):
         raise ValueError(
             f"{call} holds values other than 0 and 1: {attention_mask.unique().tolist()}."
         )
