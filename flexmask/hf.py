@@ -184,8 +184,11 @@ def _mask_function(
     offset = int(q_offset)
     # Transformers' own mask functions as flexmask masks (cached by value); others as callables
     mask = translate(mask_function) or as_mask(mask_function, name="Transformers' mask_function")
-    if mask == causal() and q_length == 1 and offset >= kv_offset + kv_length - 1:
-        mask = full()  # one query after every key (a decode step): causality hides nothing
+    # One query after every key (a decode step): causality hides nothing. Not with a tensor
+    # offset (a static cache), whose masks keep one structure so that flex compiles once.
+    last = q_length == 1 and offset >= kv_offset + kv_length - 1
+    if mask == causal() and last and not isinstance(q_offset, Tensor):
+        mask = full()
     query_free = mask == full()  # reads no query position: their offset changes nothing
     if attention_mask is not None and not bool(attention_mask.all()):
         # A 2-D mask pads keys only (Transformers' padding_mask_function); its columns are
