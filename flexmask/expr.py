@@ -20,12 +20,15 @@ from .masks import (
     chunked,
     document,
     from_hf_attention_mask,
+    from_position_ids,
     full,
+    key_padding,
     local_window,
     packed,
     padding,
     prefix_lm,
     shifted,
+    sink_tokens,
     sliding_window,
     tree,
 )
@@ -35,11 +38,14 @@ __all__ = ["FACTORIES", "ExpressionError", "parse_mask"]
 FACTORIES: dict[str, Callable[..., MaskMod]] = {
     f.__name__: f
     for f in (
-        full, causal, sliding_window, local_window, prefix_lm, padding, document, packed,
-        chunked, tree, shifted, from_hf_attention_mask,
+        full, causal, sliding_window, local_window, sink_tokens, prefix_lm, padding, key_padding,
+        document, from_position_ids, packed, chunked, tree, shifted, from_hf_attention_mask,
     )
 }  # fmt: skip
-CHOICES = {("padding", "side"): ("right", "left")}  # the only places a string may appear
+CHOICES = {
+    ("padding", "side"): ("right", "left"),
+    ("key_padding", "side"): ("right", "left"),
+}  # the only places a string may appear
 FLAGS = {("from_hf_attention_mask", "keys_only")}  # the only places True/False may appear
 MAX_CHARS = 100_000
 

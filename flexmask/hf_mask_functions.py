@@ -6,7 +6,7 @@ window overlays, packed-sequence and padding functions. Taken as an opaque calla
 is evaluated on every (query, key) pair of every call and never cached. ``translate`` recognises
 each factory by its code object, reads its arguments from the closure, and builds the same mask
 from flexmask's factories: exact tile bounds, cached by value. What it does not recognise (a
-model's own mask function, chunked attention, blockwise overlays) it leaves alone, and the
+model's own mask function, blockwise overlays) it leaves alone, and the
 adapter evaluates it as a plain callable: slower, never wrong.
 """
 
@@ -27,6 +27,7 @@ from ._lru import LRU
 from .masks import (
     MaskMod,
     causal,
+    chunked,
     document,
     from_hf_attention_mask,
     full,
@@ -45,6 +46,7 @@ def _factories() -> dict[Any, str]:
         "or": lambda: mu.or_masks(mu.causal_mask_function),
         "window overlay": lambda: mu.sliding_window_overlay(1),
         "bidirectional window overlay": lambda: mu.sliding_window_bidirectional_overlay(1),
+        "chunked overlay": lambda: mu.chunked_overlay(2, zeros[0]),
         "padding": lambda: mu.padding_mask_function(ones),
         "packed": lambda: mu.packed_sequence_mask_function(zeros),
         "remap": lambda: mu.remap_positions_for_packed_sequence(mu.causal_mask_function, zeros),
@@ -120,6 +122,11 @@ def _translate(fn: Callable[..., Any], in_documents: bool) -> MaskMod | None:
     if kind == "bidirectional window overlay":  # |q - kv| <= w
         w = cells["sliding_window"]
         return local_window(w, w) if isinstance(w, int) and w >= 0 else None
+    if kind == "chunked overlay":  # chunks counted from each row's left padding
+        chunk, start = cells["chunk_size"], cells["left_padding"]
+        if not isinstance(chunk, int) or chunk < 1 or not isinstance(start, torch.Tensor):
+            return None
+        return chunked(chunk, start=start.reshape(-1))
     if kind == "padding":  # keys only, as Transformers reads a 2-D mask
         return from_hf_attention_mask(cells["padding_mask"], keys_only=True)
     if kind == "packed":

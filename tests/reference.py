@@ -56,6 +56,41 @@ def key_padding(q_len: int, kv_len: int, real: list[list[int]]) -> Tensor:
     return keys[:, None, :].expand(len(real), q_len, kv_len).clone()
 
 
+def sink_tokens(q_len: int, kv_len: int, n: int) -> Tensor:
+    return (torch.arange(kv_len) < n)[None, None, :].expand(1, q_len, kv_len).clone()
+
+
+def key_padding_lengths(q_len: int, kv_len: int, lengths: list[int], side: str = "right") -> Tensor:
+    """Keys of row b real when among its ``lengths[b]`` real keys; every query kept."""
+    rows = []
+    for n in lengths:
+        real = [i < n if side == "right" else i >= kv_len - n for i in range(kv_len)]
+        rows.append(torch.tensor(real)[None, :].expand(q_len, kv_len))
+    return torch.stack(rows)
+
+
+def chunked_from(q_len: int, kv_len: int, chunk: int, starts: list[int]) -> Tensor:
+    """Chunks of row b counted from ``starts[b]``: block-diagonal ones over positions shifted by
+    ``(-start) mod chunk`` (the pads before the start get chunks of their own)."""
+    out = []
+    for s in starts:
+        r = (-s) % chunk
+        n = max(q_len, kv_len) + r
+        blocks = torch.block_diag(*[torch.ones(chunk, chunk)] * (n // chunk + 1)).bool()
+        out.append(blocks[r : r + q_len, r : r + kv_len])
+    return torch.stack(out)
+
+
+def documents_of_positions(position_ids: list[int]) -> list[int]:
+    """Document ids by walking the positions: a new one where a position does not continue."""
+    ids, doc = [], 0
+    for i, p in enumerate(position_ids):
+        if i and p != position_ids[i - 1] + 1:
+            doc += 1
+        ids.append(doc)
+    return ids
+
+
 def document(q_len: int, kv_len: int, doc_ids: list[int] | list[list[int]]) -> Tensor:
     rows = doc_ids if isinstance(doc_ids[0], list) else [doc_ids]
     out = []

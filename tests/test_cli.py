@@ -41,9 +41,26 @@ def leaf(draw):
     t = draw(st.booleans())  # lists written as tensor([...]) or as plain lists
     if kind in ("full", "causal"):
         return call(kind), FACTORIES[kind]()
+    if kind == "chunked" and draw(st.booleans()):  # chunks counted from each row's start
+        c, starts = (
+            draw(st.integers(1, N)),
+            draw(st.lists(st.integers(0, N), min_size=2, max_size=2)),
+        )
+        return call(kind, ast.Constant(c), start=ints(starts, t)), fm.chunked(c, start=starts)
     if kind in ("sliding_window", "chunked"):
         n = draw(st.integers(1, N + 1))
         return call(kind, ast.Constant(n)), FACTORIES[kind](n)
+    if kind == "sink_tokens":
+        n = draw(st.integers(0, N + 1))
+        return call(kind, ast.Constant(n)), fm.sink_tokens(n)
+    if kind == "key_padding":
+        lens = draw(st.lists(st.integers(0, N), min_size=2, max_size=2))
+        side = draw(st.sampled_from(["right", "left"]))
+        node = call(kind, lengths=ints(lens, t), side=ast.Constant(side))
+        return node, fm.key_padding(lens, side)
+    if kind == "from_position_ids":
+        pos = draw(st.lists(st.integers(0, 3), min_size=N, max_size=N))
+        return call(kind, ints(pos, t)), fm.from_position_ids(pos)
     if kind == "local_window":
         left, right = draw(st.integers(0, N + 1)), draw(st.integers(0, N + 1))
         return call(kind, ast.Constant(left), ast.Constant(right)), fm.local_window(left, right)

@@ -167,12 +167,24 @@ def transformers_mask_functions():
             mu.or_masks(mu.causal_mask_function, mu.sliding_window_bidirectional_overlay(1)),
             fm.causal() | fm.local_window(1, 1),
         ),
+        "chunked after left padding": (
+            mu.chunked_causal_mask_function(3, torch.tensor([2])),
+            fm.chunked(3, start=[2]) & fm.causal(),
+        ),
     }
 
 
 @pytest.mark.parametrize(
     "case",
-    ["causal", "sliding window", "bidirectional window", "packed, windowed", "padding", "or"],
+    [
+        "causal",
+        "sliding window",
+        "bidirectional window",
+        "packed, windowed",
+        "padding",
+        "or",
+        "chunked after left padding",
+    ],
 )
 def test_transformers_mask_functions_become_the_same_flexmask_mask(case):
     from torch.nn.attention.flex_attention import create_mask
@@ -192,7 +204,7 @@ def test_what_flexmask_cannot_read_stays_a_callable():
 
     mu, _ = transformers_mask_functions()
     pos = torch.tensor([[0, 1, 2, 0, 1]])
-    assert translate(mu.chunked_causal_mask_function(2, torch.tensor([0]))) is None
+    assert translate(mu.blockwise_overlay(torch.tensor([[0, 0, -1, 1, 1]]))) is None
     assert translate(lambda b, h, q, kv: q >= kv) is None
     # remapped positions are only the same mask next to the packed-sequence mask
     assert translate(mu.remap_positions_for_packed_sequence(mu.causal_mask_function, pos)) is None

@@ -23,6 +23,15 @@ def _parents(n: int) -> list[int]:
     return [-1] + [(i - 1) // 2 for i in range(1, n)]  # a binary tree in breadth-first order
 
 
+def _restarting(n: int) -> list[int]:
+    """Position ids of packed documents of 1, 2, 3, ... tokens: they restart at 0."""
+    out, length = [], 1
+    while len(out) < n:
+        out += list(range(length))
+        length += 1
+    return out[:n]
+
+
 def _split(n: int) -> list[int]:
     return [n // 3, n - n // 3 - n // 4, n // 4]
 
@@ -37,6 +46,23 @@ CASES = {
     # 14 and 15 keys: tiles whose corner sits exactly on the window's edge at blocks of 16
     "local_window_15_14": lambda q, kv: (fm.local_window(15, 14), ref.local_window(q, kv, 15, 14)),
     "local_window_14_15": lambda q, kv: (fm.local_window(14, 15), ref.local_window(q, kv, 14, 15)),
+    "sink_tokens_5": lambda q, kv: (fm.sink_tokens(5), ref.sink_tokens(q, kv, 5)),
+    "key_padding_right": lambda q, kv: (
+        fm.key_padding([kv, 0, min(63, kv)]),  # 63: a block's last key at blocks of 16 and 64
+        ref.key_padding_lengths(q, kv, [kv, 0, min(63, kv)]),
+    ),
+    "key_padding_left": lambda q, kv: (
+        fm.key_padding([kv, 1, kv // 3], side="left"),
+        ref.key_padding_lengths(q, kv, [kv, 1, kv // 3], side="left"),
+    ),
+    "chunked_48_start": lambda q, kv: (
+        fm.chunked(48, start=[0, 5, 47]),
+        ref.chunked_from(q, kv, 48, [0, 5, 47]),
+    ),
+    "from_position_ids": lambda q, kv: (
+        fm.from_position_ids(_restarting(max(q, kv))),
+        ref.document(q, kv, ref.documents_of_positions(_restarting(max(q, kv)))),
+    ),
     "prefix_lm_int": lambda q, kv: (fm.prefix_lm(50), ref.prefix_lm(q, kv, 50)),
     "prefix_lm_batch": lambda q, kv: (fm.prefix_lm([0, 3, 140]), ref.prefix_lm(q, kv, [0, 3, 140])),
     "padding_right": lambda q, kv: (
@@ -105,6 +131,14 @@ PICTURES = {  # name: (mask, q_len, kv_len, oracle)
     "causal": (fm.causal(), 4, 4, ref.causal(4, 4)),
     "sliding_window": (fm.sliding_window(3), 5, 5, ref.sliding_window(5, 5, 3)),
     "local_window": (fm.local_window(1, 2), 5, 5, ref.local_window(5, 5, 1, 2)),
+    "sink_tokens": (fm.sink_tokens(2), 4, 4, ref.sink_tokens(4, 4, 2)),
+    "key_padding": (fm.key_padding([3]), 4, 4, ref.key_padding_lengths(4, 4, [3])),
+    "from_position_ids": (
+        fm.from_position_ids([0, 1, 0, 1]),
+        4,
+        4,
+        ref.document(4, 4, [0, 0, 1, 1]),
+    ),
     "prefix_lm": (fm.prefix_lm(2), 4, 4, ref.prefix_lm(4, 4, 2)),
     "padding": (fm.padding([3]), 4, 4, ref.padding(4, 4, [3])),
     "document": (fm.document([0, 0, 1, 1]), 4, 4, ref.document(4, 4, [0, 0, 1, 1])),
@@ -163,6 +197,13 @@ def leaves(q, kv):
         st.integers(1, n + 1).map(lambda w: (fm.sliding_window(w), ref.sliding_window(q, kv, w))),
         st.tuples(st.integers(0, n + 1), st.integers(0, n + 1)).map(
             lambda w: (fm.local_window(*w), ref.local_window(q, kv, *w))
+        ),
+        st.integers(0, n + 1).map(lambda k: (fm.sink_tokens(k), ref.sink_tokens(q, kv, k))),
+        st.tuples(st.lists(st.integers(0, kv), min_size=2, max_size=2), st.booleans()).map(
+            lambda p: (
+                fm.key_padding(p[0], "left" if p[1] else "right"),
+                ref.key_padding_lengths(q, kv, p[0], "left" if p[1] else "right"),
+            )
         ),
         st.integers(0, n).map(lambda p: (fm.prefix_lm(p), ref.prefix_lm(q, kv, p))),
         st.integers(1, n + 1).map(lambda c: (fm.chunked(c), ref.chunked(q, kv, c))),

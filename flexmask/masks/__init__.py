@@ -13,12 +13,12 @@ callables), ``leaf.py`` (masks declared by their fields), ``tiles.py`` (the tile
 
 from .algebra import and_masks, as_mask, not_mask, or_masks
 from .base import MAX_DEPTH, MaskMod, MaskModFn, check_depth
-from .basic import causal, chunked, full, local_window, prefix_lm, sliding_window
-from .documents import document, packed
+from .basic import causal, chunked, full, local_window, prefix_lm, sink_tokens, sliding_window
+from .documents import document, from_position_ids, packed
 from .leaf import Leaf, Wrapper, declared, fmt_tensor
 from .offsets import shifted, with_offset
 from .tiles import Tiles
-from .tokens import from_hf_attention_mask, padding
+from .tokens import from_hf_attention_mask, key_padding, padding
 from .trees import tree
 
 __all__ = [
@@ -37,7 +37,9 @@ __all__ = [
     "document",
     "fmt_tensor",
     "from_hf_attention_mask",
+    "from_position_ids",
     "full",
+    "key_padding",
     "local_window",
     "not_mask",
     "or_masks",
@@ -45,6 +47,7 @@ __all__ = [
     "padding",
     "prefix_lm",
     "shifted",
+    "sink_tokens",
     "sliding_window",
     "tree",
     "with_offset",

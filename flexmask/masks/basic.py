@@ -1,5 +1,5 @@
 """The masks of positions alone: ``full``, ``causal``, ``sliding_window``, ``local_window``,
-``prefix_lm``, ``chunked``."""
+``sink_tokens``, ``prefix_lm``, ``chunked``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._checks import check_int, int_tensor
+from .._checks import check_int, int_tensor, lengths_tensor
 from .base import MaskMod
 from .leaf import Leaf, declared, fmt_tensor, row_of
 from .tiles import Tiles
 
-__all__ = ["causal", "chunked", "full", "local_window", "prefix_lm", "sliding_window"]
+__all__ = [
+    "causal",
+    "chunked",
+    "full",
+    "local_window",
+    "prefix_lm",
+    "sink_tokens",
+    "sliding_window",
+]
 
 
 @declared
@@ -193,6 +201,53 @@ def local_window(left: int, right: int) -> MaskMod:
 
 
 @declared
+class _SinkTokens(Leaf):
+    n: int
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (kv_idx < self.n) & (q_idx >= 0)
+
+    def _expr(self) -> str:
+        return f"sink_tokens({self.n})"
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        t = tiles
+        return (t.k1 < self.n) & (t.q0 >= 0), (t.k0 < self.n) & (t.q1 >= 0)
+
+
+def sink_tokens(n: int) -> MaskMod:
+    """The first ``n`` keys, seen by every query (attention sinks, StreamingLLM).
+
+    Keeps ``kv_idx < n``. Combine as the model needs: StreamingLLM keeps a window and the sinks,
+    causally, ``(sliding_window(w) | sink_tokens(4)) & causal()`` (flash-attn's
+    ``sink_token_length``). For ``n=2``, 4 tokens::
+
+        ■ ■ ⬚ ⬚
+        ■ ■ ⬚ ⬚
+        ■ ■ ⬚ ⬚
+        ■ ■ ⬚ ⬚
+
+    Args:
+        n: number of sink tokens (>= 0).
+
+    Raises:
+        TypeError: if ``n`` is not an int.
+        ValueError: if ``n < 0``.
+
+    Example:
+        >>> import flexmask as fm
+        >>> m = (fm.sliding_window(2) | fm.sink_tokens(1)) & fm.causal()
+        >>> fm.to_dense(m, 4)[0, 0].int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 1, 1]]
+    """
+    return _SinkTokens(check_int(n, "sink_tokens(n=...)", minimum=0))
+
+
+@declared
 class _PrefixLM(Leaf):
     prefix_len: int | Tensor  # an int, or a 0-d / [B] integer tensor
 
@@ -256,28 +311,39 @@ def prefix_lm(prefix_len: int | Tensor | Sequence[int]) -> MaskMod:
 @declared
 class _Chunked(Leaf):
     chunk: int
+    start: Tensor | None = None  # [B]: where row b's chunks start counting (after left padding)
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return q_idx // self.chunk == kv_idx // self.chunk
+        if self.start is None:
+            return q_idx // self.chunk == kv_idx // self.chunk
+        s = self.start[b]
+        return (q_idx - s) // self.chunk == (kv_idx - s) // self.chunk
 
     def _expr(self) -> str:
-        return f"chunked({self.chunk})"
+        start = "" if self.start is None else f", start={fmt_tensor(self.start)}"
+        return f"chunked({self.chunk}{start})"
+
+    def _own_batch(self) -> int | None:
+        return None if self.start is None else self.start.shape[0]
 
     @property
     def exact_bounds(self) -> bool:
         return True
 
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
-        t, c = tiles, self.chunk
+        s = 0 if self.start is None else int(self.start[tiles.b])
+        t, c = tiles.shifted(-s, -s), self.chunk  # positions counted from the row's start
         one_chunk = (t.q0 // c == t.q1 // c) & (t.k0 // c == t.k1 // c) & (t.q0 // c == t.k0 // c)
         return one_chunk, (t.q0 // c <= t.k1 // c) & (t.k0 // c <= t.q1 // c)
 
 
-def chunked(chunk: int) -> MaskMod:
+def chunked(chunk: int, start: Tensor | Sequence[int] | None = None) -> MaskMod:
     """Same chunk only: the sequence is cut into chunks of ``chunk`` tokens (Llama 4 local layers).
 
     Keeps ``q_idx // chunk == kv_idx // chunk``; combine with ``causal()`` for chunked causal
-    attention. For ``chunk=2``, 5 tokens::
+    attention. With ``start`` (``[B]``, e.g. each row's left padding), row ``b`` counts its
+    chunks from ``start[b]``: ``(q_idx - start[b]) // chunk == (kv_idx - start[b]) // chunk``,
+    as Transformers' chunked attention does after left padding. For ``chunk=2``, 5 tokens::
 
         ■ ■ ⬚ ⬚ ⬚
         ■ ■ ⬚ ⬚ ⬚
@@ -287,14 +353,20 @@ def chunked(chunk: int) -> MaskMod:
 
     Args:
         chunk: chunk size in tokens (>= 1).
+        start: per batch row, the position its first chunk begins at (>= 0); default 0.
 
     Raises:
-        TypeError: if ``chunk`` is not an int.
-        ValueError: if ``chunk < 1``.
+        TypeError: if ``chunk`` is not an int, or ``start`` not integers.
+        ValueError: if ``chunk < 1``, or ``start`` is not 1-D or is negative.
 
     Example:
         >>> import flexmask as fm
         >>> fm.to_dense(fm.chunked(2) & fm.causal(), 3)[0, 0].int().tolist()
         [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+        >>> fm.to_dense(fm.chunked(2, start=[1]), 3)[0, 0].int().tolist()
+        [[1, 0, 0], [0, 1, 1], [0, 1, 1]]
     """
-    return _Chunked(check_int(chunk, "chunked(chunk=...)"))
+    size = check_int(chunk, "chunked(chunk=...)")
+    if start is None:
+        return _Chunked(size)
+    return _Chunked(size, lengths_tensor(start, "chunked(start=...)", "one start per batch row"))

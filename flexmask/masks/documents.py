@@ -1,4 +1,5 @@
-"""Documents: ``document`` (an id per token) and ``packed`` (documents given by their lengths)."""
+"""Documents: ``document`` (an id per token), ``packed`` (documents given by their lengths) and
+``from_position_ids`` (documents where the position ids restart)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from .base import MaskMod
 from .leaf import Leaf, declared, fmt_tensor
 from .tiles import Tiles
 
-__all__ = ["document", "packed"]
+__all__ = ["document", "from_position_ids", "packed"]
 
 
 @declared
@@ -135,3 +136,34 @@ def packed(lengths: Tensor | Sequence[int]) -> MaskMod:
     with torch.inference_mode(False):  # a mask's tensors are never inference tensors
         ids = torch.repeat_interleave(torch.arange(tensor.numel(), device=tensor.device), tensor)
     return _Document(ids, tensor)
+
+
+def from_position_ids(position_ids: Tensor | Sequence[int]) -> MaskMod:
+    """Same document, where a document starts wherever the position id does not continue the
+    previous one (``p[i] != p[i - 1] + 1``), as Transformers detects packed rows.
+
+    ``position_ids`` is ``[S]`` or ``[B, S]``; the result is ``document`` of the ids this rule
+    gives. For ``position_ids=[0, 1, 0, 1]``::
+
+        ■ ■ ⬚ ⬚
+        ■ ■ ⬚ ⬚
+        ⬚ ⬚ ■ ■
+        ⬚ ⬚ ■ ■
+
+    Not for a tree of candidates, whose position ids repeat and fall back: each node would be
+    a document of its own (use ``tree``).
+
+    Raises:
+        TypeError: if ``position_ids`` is not integers.
+        ValueError: if it is not 1-D or 2-D, or is empty.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.from_position_ids([0, 1, 2, 0, 1])
+        document(doc_ids=tensor([0, 0, 0, 1, 1]))
+    """
+    ids = int_tensor(position_ids, "from_position_ids(position_ids=...)", ranks=(1, 2))
+    if ids.numel() == 0:
+        raise ValueError("from_position_ids(position_ids=...) needs at least one position.")
+    restarts = torch.diff(ids, prepend=ids[..., :1] - 1, dim=-1) != 1
+    return document(restarts.long().cumsum(-1))

@@ -1,5 +1,5 @@
-"""Real tokens and padding: ``padding`` (lengths per row) and ``from_hf_attention_mask`` (a
-Transformers 0/1 mask, any pattern)."""
+"""Real tokens and padding: ``padding`` and ``key_padding`` (lengths per row) and
+``from_hf_attention_mask`` (a Transformers 0/1 mask, any pattern)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .base import MaskMod
 from .leaf import Leaf, declared, fmt_tensor
 from .tiles import Tiles
 
-__all__ = ["from_hf_attention_mask", "padding"]
+__all__ = ["from_hf_attention_mask", "key_padding", "padding"]
 
 
 @declared
@@ -21,23 +21,29 @@ class _Padding(Leaf):
     lengths: Tensor  # [B] real tokens per row
     side: str
     start: Tensor | None = None  # left padding: first real position per row, set by bind()
+    keys_only: bool = False  # key_padding: every query stays, only keys are masked
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if self.side == "right":
             n = self.lengths[b]
-            return (q_idx < n) & (kv_idx < n)
+            keep = kv_idx < n
+            return keep & (q_idx >= 0) if self.keys_only else keep & (q_idx < n)
         if self.start is None:
             raise ValueError(
-                "padding(side='left') counts from the end of the sequence, so it needs the "
-                "sequence length: build it through flexmask.block_mask / to_dense / "
+                f"{self._name()}(side='left') counts from the end of the sequence, so it needs "
+                "the sequence length: build it through flexmask.block_mask / to_dense / "
                 "MultiheadFlexAttention, or call mask.bind(q_len, kv_len) first."
             )
         s = self.start[b]
-        return (q_idx >= s) & (kv_idx >= s)
+        keep = kv_idx >= s
+        return keep & (q_idx >= 0) if self.keys_only else keep & (q_idx >= s)
+
+    def _name(self) -> str:
+        return "key_padding" if self.keys_only else "padding"
 
     def _expr(self) -> str:
         side = "" if self.side == "right" else f", side={self.side!r}"
-        return f"padding(lengths={fmt_tensor(self.lengths)}{side})"
+        return f"{self._name()}(lengths={fmt_tensor(self.lengths)}{side})"
 
     def _own_batch(self) -> int | None:
         return self.lengths.shape[0]
@@ -46,19 +52,20 @@ class _Padding(Leaf):
         return self.side == "left" and self.start is None
 
     def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
-        # Queries and keys are positions in one sequence frame, whose length is kv_len.
-        limit = kv_len if self.side == "left" else max(q_len, kv_len)
+        # Queries and keys are positions in one sequence frame, whose length is kv_len; keys
+        # alone (key_padding) may belong to another sequence (cross-attention).
+        limit = kv_len if self.side == "left" or self.keys_only else max(q_len, kv_len)
         longest = int(self.lengths.max()) if self.lengths.numel() else 0
         if longest > limit:
             raise ValueError(
-                f"padding(lengths=...) has a length of {longest}, longer than the sequence "
-                f"(q_len={q_len}, kv_len={kv_len}); lengths count real tokens, at most the "
-                "sequence length."
+                f"{self._name()}(lengths=...) has a length of {longest}, longer than the "
+                f"sequence (q_len={q_len}, kv_len={kv_len}); lengths count real tokens, at most "
+                "the sequence length."
             )
         if self.side == "right":
             return self
         with torch.inference_mode(False):  # kept in BlockMasks that may serve training
-            return _Padding(self.lengths, "left", kv_len - self.lengths)
+            return _Padding(self.lengths, "left", kv_len - self.lengths, self.keys_only)
 
     @property
     def exact_bounds(self) -> bool:
@@ -66,7 +73,7 @@ class _Padding(Leaf):
 
     @property
     def is_box(self) -> bool:
-        return self.exact_bounds
+        return self.exact_bounds and not self.keys_only
 
     def box(self, b: int) -> tuple[int, int]:
         if self.side == "right":
@@ -75,13 +82,19 @@ class _Padding(Leaf):
 
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         t = tiles
+        if self.side == "left" and self.start is None:
+            return super().tile_bounds(tiles)  # unbound: __call__ says how to fix it
         if self.side == "right":
             n = int(self.lengths[t.b])
-            return (t.q1 < n) & (t.k1 < n), (t.q0 < n) & (t.k0 < n)
-        if self.start is None:
-            return super().tile_bounds(tiles)  # unbound: __call__ says how to fix it
-        s = int(self.start[t.b])
-        return (t.q0 >= s) & (t.k0 >= s), (t.q1 >= s) & (t.k1 >= s)
+            k_all, k_any = t.k1 < n, t.k0 < n
+            q_all, q_any = t.q1 < n, t.q0 < n
+        else:
+            s = int(self.start[t.b])  # type: ignore[index]
+            k_all, k_any = t.k0 >= s, t.k1 >= s
+            q_all, q_any = t.q0 >= s, t.q1 >= s
+        if self.keys_only:
+            q_all = q_any = t.q0 >= 0  # every query: only the shape [NQ, 1] matters
+        return q_all & k_all, q_any & k_any
 
 
 def padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod:
@@ -117,6 +130,40 @@ def padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod:
     if side not in ("right", "left"):
         raise ValueError(f"padding(side=...) must be 'right' or 'left', got {side!r}.")
     return _Padding(tensor, side)
+
+
+def key_padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod:
+    """Hide padded keys only: every query stays, and sees the real keys of its row.
+
+    Key ``kv`` of row ``b`` is real iff ``kv < lengths[b]`` (``side="right"``) or
+    ``kv >= kv_len - lengths[b]`` (``side="left"``). This is torch's ``key_padding_mask``,
+    Transformers' ``padding_mask_function`` and flash-attn's ``key_padding_mask``, and what
+    cross-attention over a padded encoder needs: the queries are another sequence. Pad queries
+    see the real keys (``padding`` hides them too). For ``lengths=[3]``, 4 tokens::
+
+        ■ ■ ■ ⬚
+        ■ ■ ■ ⬚
+        ■ ■ ■ ⬚
+        ■ ■ ■ ⬚
+
+    Args:
+        lengths: ``[B]`` integer tensor (or list) of real keys, one per batch row.
+        side: ``"right"`` (pads after the keys) or ``"left"`` (pads before).
+
+    Raises:
+        TypeError: if ``lengths`` is not an integer tensor or list of ints.
+        ValueError: if ``lengths`` is not 1-D, is negative, or ``side`` is unknown; when
+            building, if a length exceeds the keys.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.to_dense(fm.key_padding([2]), 2, 3)[0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 0]]
+    """
+    tensor = lengths_tensor(lengths, "key_padding(lengths=...)", "one length per batch row")
+    if side not in ("right", "left"):
+        raise ValueError(f"key_padding(side=...) must be 'right' or 'left', got {side!r}.")
+    return _Padding(tensor, side, keys_only=True)
 
 
 @declared
