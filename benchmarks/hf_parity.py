@@ -23,17 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' mo
 
 import flexmask as fm
 import flexmask.hf as hf
-from tests.hf_families import FAMILIES, PROMPTS, packed_row, padded
+from tests.hf_families import FAMILIES, PROMPTS, layer_outputs, packed_row, padded, prefill_inputs
 
 COLUMNS = ["prefill", "generate", "generate (static cache)", "packed row",
            "packed: documents alone", "tree: paths alone"]  # fmt: skip
-
-
-def outputs(model: torch.nn.Module, kind: str, **inputs) -> list[torch.Tensor]:
-    out = model(**inputs, output_hidden_states=True)
-    if kind == "encoder-decoder":
-        return [*out.encoder_hidden_states, *out.decoder_hidden_states, out.logits]
-    return [*out.hidden_states, out.logits if kind == "decoder" else out.last_hidden_state]
 
 
 def worst(got: list[torch.Tensor], want: list[torch.Tensor], rows=...) -> float:
@@ -41,12 +34,8 @@ def worst(got: list[torch.Tensor], want: list[torch.Tensor], rows=...) -> float:
 
 
 def prefill(ours, ref, kind: str) -> float:
-    ids, am = padded("left" if kind == "decoder" else "right")
-    inputs = {"input_ids": ids, "attention_mask": am}
-    rows = am.bool()
-    if kind == "encoder-decoder":
-        inputs["decoder_input_ids"], rows = ids[:, :5], ...
-    return worst(outputs(ours, kind, **inputs), outputs(ref, kind, **inputs), rows)
+    inputs, rows = prefill_inputs(kind)
+    return worst(layer_outputs(ours, kind, **inputs), layer_outputs(ref, kind, **inputs), rows)
 
 
 def generate(ours, ref, kind: str, cache: str) -> float:
@@ -63,7 +52,7 @@ def generate(ours, ref, kind: str, cache: str) -> float:
 def packed(ours, ref) -> float:
     ids, pos = packed_row()
     kw = {"input_ids": ids, "position_ids": pos, "use_cache": False}
-    return worst(outputs(ours, "decoder", **kw), outputs(ref, "decoder", **kw))
+    return worst(layer_outputs(ours, "decoder", **kw), layer_outputs(ref, "decoder", **kw))
 
 
 def documents_alone(ours, eager) -> float:

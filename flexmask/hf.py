@@ -37,7 +37,16 @@ from .coverage import DenseMask
 from .dense import to_hf_4d
 from .dispatch import BACKENDS, Call, choose
 from .hf_mask_functions import restarted_documents, translate
-from .masks import MaskMod, as_mask, causal, from_hf_attention_mask, full, shifted, sliding_window
+from .masks import (
+    MaskMod,
+    as_mask,
+    causal,
+    from_hf_attention_mask,
+    full,
+    local_window,
+    shifted,
+    sliding_window,
+)
 from .runners import RUNNERS, MaskForms, Options, ScoreModFn
 
 try:
@@ -339,13 +348,7 @@ def _local(mask: MaskMod, q_len: int, kv_len: int) -> MaskMod:
 def _window(window: int, is_causal: bool) -> MaskMod:
     """Transformers' sliding window overlays: ``q - kv < w`` on causal layers, ``|q - kv| < w``
     on bidirectional ones (the ``sliding_window`` that models pass to attention functions)."""
-    if is_causal:
-        return sliding_window(window)
-
-    def bidirectional_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return (q_idx - kv_idx).abs() < window
-
-    return as_mask(bidirectional_window)
+    return sliding_window(window) if is_causal else local_window(window - 1, window - 1)
 
 
 def _dense_4d(mask: Tensor) -> tuple[DenseMask, Tensor | None]:

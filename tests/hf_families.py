@@ -111,3 +111,21 @@ def packed_row() -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.tensor([[t for p in PROMPTS for t in p]])
     pos = torch.tensor([[i for p in PROMPTS for i in range(len(p))]])
     return ids, pos
+
+
+def prefill_inputs(kind: str) -> tuple[dict, object]:
+    """A family's padded batch (left-padded for decoders, right-padded otherwise), and the rows
+    to compare: the real tokens (every row of an encoder-decoder's decoder is real)."""
+    ids, am = padded("left" if kind == "decoder" else "right")
+    if kind == "encoder-decoder":
+        return {"input_ids": ids, "attention_mask": am, "decoder_input_ids": ids[:, :5]}, ...
+    return {"input_ids": ids, "attention_mask": am}, am.bool()
+
+
+@torch.no_grad()
+def layer_outputs(model: torch.nn.Module, kind: str, **inputs) -> list[torch.Tensor]:
+    """Every layer's hidden states and the output (logits, or an encoder's last state)."""
+    out = model(**inputs, output_hidden_states=True)
+    if kind == "encoder-decoder":
+        return [*out.encoder_hidden_states, *out.decoder_hidden_states, out.logits]
+    return [*out.hidden_states, out.logits if kind == "decoder" else out.last_hidden_state]

@@ -23,7 +23,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import flexmask as fm
 from tests import reference as ref
-from tests.test_attention import _dense4, assert_close, golden
+from tests.test_attention import _dense4, assert_close, golden, masks_and_oracles
 from tests.test_masks import CASES, _parents
 
 pytestmark = pytest.mark.gpu
@@ -36,25 +36,12 @@ TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (2**-5, 2**-4)}  # (output, 
 
 
 def cases(s: int) -> dict:
-    """name -> (mask, dense oracle [B or 1, S, S])."""
+    """name -> (mask, dense oracle [B or 1, S, S]): the CPU suite's masks, and a tree."""
+    ours = masks_and_oracles(s)
     tree_parents, context = _parents(s - 60), 60
     return {
-        "causal_padding": (
-            fm.causal() & fm.padding([s, s // 3], side="left"),
-            ref.causal(s, s) & ref.padding(s, s, [s, s // 3], side="left"),
-        ),
-        "window_or_chunk": (
-            fm.sliding_window(37) | fm.chunked(64),
-            ref.sliding_window(s, s, 37) | ref.chunked(s, s, 64),
-        ),
-        "documents": (
-            fm.packed([s // 2, s // 4, s - s // 2 - s // 4]) & fm.causal(),
-            ref.packed(s, s, [s // 2, s // 4, s - s // 2 - s // 4]) & ref.causal(s, s),
-        ),
-        "tree": (
-            fm.tree(tree_parents, context_len=context),
-            ref.tree(s, s, tree_parents, context),
-        ),
+        **{name: ours[name] for name in ("causal_padding", "window_or_chunk", "documents")},
+        "tree": (fm.tree(tree_parents, context_len=context), ref.tree(s, s, tree_parents, context)),
     }
 
 

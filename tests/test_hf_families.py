@@ -23,7 +23,14 @@ import flexmask as fm
 transformers = pytest.importorskip("transformers", reason="needs transformers")
 hf = pytest.importorskip("flexmask.hf")
 
-from tests.hf_families import FAMILIES, PROMPTS, packed_row, padded  # noqa: E402
+from tests.hf_families import (  # noqa: E402
+    FAMILIES,
+    PROMPTS,
+    layer_outputs,
+    packed_row,
+    padded,
+    prefill_inputs,
+)
 
 ATOL = 1e-5
 DECODERS = [n for n, f in FAMILIES.items() if f.kind == "decoder"]
@@ -48,13 +55,7 @@ def references(name: str) -> list[str]:
 
 
 def run(name: str, impl: str, **inputs) -> list[torch.Tensor]:
-    """Every layer's hidden states and the output (logits, or the encoder's last state)."""
-    with torch.no_grad():
-        out = model(name, impl)(**inputs, output_hidden_states=True)
-    if FAMILIES[name].kind == "encoder-decoder":
-        return [*out.encoder_hidden_states, *out.decoder_hidden_states, out.logits]
-    last = out.logits if FAMILIES[name].kind == "decoder" else out.last_hidden_state
-    return [*out.hidden_states, last]
+    return layer_outputs(model(name, impl), FAMILIES[name].kind, **inputs)
 
 
 def assert_close_on(rows, got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
@@ -63,18 +64,9 @@ def assert_close_on(rows, got: list[torch.Tensor], want: list[torch.Tensor]) -> 
         assert err <= ATOL, f"layer {layer}: max |Δ| {err:.2e} > {ATOL}"
 
 
-def prefill_inputs(name: str) -> tuple[dict, torch.Tensor]:
-    """The padded batch of a family, and the rows to compare (real tokens)."""
-    kind = FAMILIES[name].kind
-    ids, am = padded("left" if kind == "decoder" else "right")
-    if kind == "encoder-decoder":  # a padded encoder; the decoder's tokens are all real
-        return {"input_ids": ids, "attention_mask": am, "decoder_input_ids": ids[:, :5]}, ...
-    return {"input_ids": ids, "attention_mask": am}, am.bool()
-
-
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_padded_prefill_equals_eager_layer_by_layer(name):
-    inputs, rows = prefill_inputs(name)
+    inputs, rows = prefill_inputs(FAMILIES[name].kind)
     got = run(name, "flexmask", **inputs)
     for ref in references(name):
         assert_close_on(rows, got, run(name, ref, **inputs))
@@ -267,3 +259,19 @@ def test_flex_generate_with_a_static_cache_compiles_once_per_shape():
         assert torch.equal(got, want)
     finally:
         hf.unregister(name)
+
+
+def test_a_bidirectional_sliding_window_without_a_mask_is_local():
+    """No mask from Transformers, a bidirectional layer and ``sliding_window=3``: keys within
+    two positions on either side (``|q - kv| < 3``), against a float64 golden."""
+    from tests import reference as ref
+
+    class Layer(torch.nn.Module):
+        is_causal = False
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 8) for _ in range(3))
+    out, _ = hf._attention_function("auto")(Layer(), q, k, v, None, sliding_window=3)
+    near = (torch.arange(9)[:, None] - torch.arange(9)[None, :]).abs() < 3
+    want = ref.attention(q.double(), k.double(), v.double(), near)
+    torch.testing.assert_close(out.double(), want.transpose(1, 2), rtol=1e-5, atol=1e-6)
