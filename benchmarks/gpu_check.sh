@@ -28,9 +28,12 @@ cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 "$py" -c "import torch; print('torch', torch.__version__, 'on', torch.cuda.get_device_name())"
 
+# Compiling kernels takes most of the time and runs on the CPU: 4 workers where pytest-xdist is.
+workers=""
+"$py" -c "import xdist" 2>/dev/null && workers="-n 4"
 # SIGINT, not SIGTERM: pytest then stops and still writes the report of the tests that ran.
 timeout -s INT -k 30 300 "$py" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider \
-    -o addopts="" -q -rfE --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
+    -o addopts="" -q -rfE $workers --junitxml "$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 timeout -k 10 150 "$py" benchmarks/gpu.py --out "$out" --budget 90 2>&1 | tee "$out/gpu-bench.log"
 bench=${PIPESTATUS[0]}

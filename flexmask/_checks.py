@@ -184,24 +184,26 @@ def _parse_device(value: object, name: str) -> torch.device:
 
 
 def resolve_device(mask: MaskMod, device: object) -> torch.device:
-    """The device to build on: ``device``, else the mask's, else torch's current accelerator/CPU."""
+    """The device to build on: ``device``, else the mask's, else torch's current accelerator/CPU.
+    A mask held elsewhere is moved there by ``placed``."""
     held = mask.device
+    if held is not None and held.type == "meta":
+        raise ValueError(
+            f"the mask {mask!r} holds meta tensors (shapes, no values), so it cannot be "
+            "evaluated; build it from tensors on the CPU or an accelerator."
+        )
     if device is None:
-        if held is not None and held.type == "meta":
-            raise ValueError(
-                f"the mask {mask!r} holds meta tensors (shapes, no values), so it cannot be "
-                "evaluated; move it with mask.to('cpu') or to an accelerator."
-            )
         return held or torch.device(
             torch.accelerator.current_accelerator(check_available=True) or "cpu"
         )
-    want = _parse_device(device, "device=...")
-    if held is not None and not _same_device(held, want):
-        raise ValueError(
-            f"device={str(want)!r} was asked but the mask {mask!r} holds tensors on "
-            f"{str(held)!r}; move it with mask.to({str(want)!r}) or leave device=None."
-        )
-    return as_device(want, "device=...")
+    return as_device(device, "device=...")
+
+
+def placed(mask: MaskMod, device: torch.device) -> MaskMod:
+    """``mask`` with its tensors on ``device``: the same values, copied there if they are
+    elsewhere (a mask made from a Python list holds CPU tensors; its users run on CUDA)."""
+    held = mask.device
+    return mask if held is None or _same_device(held, device) else mask.to(device)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

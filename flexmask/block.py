@@ -15,6 +15,7 @@ from ._checks import (
     check_count,
     check_lengths,
     check_memory,
+    placed,
     resolve_batch,
     resolve_device,
 )
@@ -114,7 +115,7 @@ def block_mask(
     hit = _BLOCK_MASKS.get_recent(key)
     if isinstance(hit, BlockMask):  # an equal mask was bound and checked when it was built
         return hit
-    bound = m.bind(q_len, kv_len)  # validates tensor sizes against the lengths
+    bound = placed(m, dev).bind(q_len, kv_len)  # validates tensor sizes against the lengths
     tiled = method == "tiles" or (method == "auto" and not m.uses_heads)
     # Shorter than a block, the eager build is cheap (at most block_size x kv_len) and torch
     # 2.13's CPU inductor miscompiles the compiled builder there (a C++ type error).

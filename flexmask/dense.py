@@ -13,6 +13,7 @@ from ._checks import (
     check_float_dtype,
     check_lengths,
     check_memory,
+    placed,
     resolve_batch,
     resolve_device,
 )
@@ -65,7 +66,7 @@ def to_dense(
         "use flexmask.block_mask (memory grows with blocks, not pairs), or describe() for counts",
         dev,
     )
-    bound = m.bind(q_len, kv_len)
+    bound = placed(m, dev).bind(q_len, kv_len)
     if bound.sealed and batch * nh * q_len * kv_len <= _BROADCAST_PAIRS:
         return _broadcast(bound, batch, nh, q_len, kv_len, dev)
     out = torch.empty(batch, nh, q_len, kv_len, dtype=torch.bool, device=dev)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_count, check_lengths, format_bytes, resolve_batch, resolve_device
+from ._checks import check_count, check_lengths, format_bytes, placed, resolve_batch, resolve_device
 from .block import block_mask
 from .evaluation import allowed_counts, block_kinds, evaluate_tiles
 from .masks import MaskMod, MaskModFn, as_mask, with_offset
@@ -153,6 +153,7 @@ def check(
     nb = resolve_batch(m, batch) or 1
     nh = check_count(heads, "heads") or 1
     dev = resolve_device(m, device)
+    m = placed(m, dev)
     bound = m.bind(q_len, kv_len)
     problems: list[str] = []
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_memory, resolve_device
+from ._checks import check_memory, placed, resolve_device
 from .masks import MaskMod, MaskModFn, Tiles, as_mask
 
 __all__ = ["allowed_counts", "block_kinds", "evaluate_tiles", "partial_tiles", "tile_counts"]
@@ -98,8 +98,9 @@ def tile_counts(
     nothing; only undecided tiles are evaluated, a few million elements at a time, so a long
     sparse mask never materialises ``q_len x kv_len``.
     """
-    m = as_mask(mask).bind(q_len, kv_len)
+    m = as_mask(mask)
     dev = resolve_device(m, device)
+    m = placed(m, dev).bind(q_len, kv_len)
     nkv = -(-kv_len // size)
     nq = -(-q_len // size)
     check_memory(nq * nkv * 8, f"counting a {q_len} x {kv_len} mask in {size} x {size} tiles",

@@ -6,6 +6,7 @@ when the scores must be modified). ``dispatch.choose`` picks one; ``RUNNERS`` na
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -140,7 +141,24 @@ def flex(q: Tensor, k: Tensor, v: Tensor, forms: MaskForms, options: Options) ->
     q, k, v = coverage(bm).hide(q, k, v)
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one graph per mask
         return _compiled_flex()(q, k, v, score_mod=options.score_mod, block_mask=bm,
-                                scale=options.scale, enable_gqa=_gqa(q, k))  # fmt: skip
+                                scale=options.scale, enable_gqa=_gqa(q, k),
+                                kernel_options=kernel_tiles(q, bm))  # fmt: skip
+
+
+def kernel_tiles(q: Tensor, bm: BlockMask) -> dict[str, int] | None:
+    """Forward tile sizes for a BlockMask whose blocks are not multiples of 128, else None.
+
+    Torch's CUDA kernel takes one tile size per GPU, dtype and head dim (128 query rows on
+    Hopper) and refuses blocks it does not divide: ``block_size=64`` failed to compile on an
+    H200. These tiles divide the blocks and are no larger than torch's defaults. Queries shorter
+    than 128 go to FlexDecoding, which picks its own tiles (a forward tile would override them).
+    """
+    q_block, kv_block = bm.BLOCK_SIZE
+    if q.device.type != "cuda" or q.shape[2] < 128 or (q_block % 128 == 0 and kv_block % 128 == 0):
+        return None
+    head_dim = q.shape[-1]
+    tile = 64 if q.element_size() == 2 and head_dim <= 128 else 32 if head_dim <= 128 else 16
+    return {"fwd_BLOCK_M": math.gcd(q_block, tile), "fwd_BLOCK_N": math.gcd(kv_block, tile)}
 
 
 def sparse(q: Tensor, k: Tensor, v: Tensor, forms: MaskForms, options: Options) -> Tensor:

@@ -192,7 +192,12 @@ BAD_BUILDS = [
     (
         lambda: bm(fm.padding([3]), 64, device="meta"),
         ValueError,
-        r"device='meta' was asked but the mask padding\(lengths=tensor\(\[3\]\)\) holds tensors on 'cpu'; move it with mask.to\('meta'\)",
+        r"device=... is 'meta', which holds shapes but no values",
+    ),
+    (
+        lambda: bm(fm.padding([3]).to("meta"), 64, device="cpu"),
+        ValueError,
+        r"the mask padding\(.*\) holds meta tensors \(shapes, no values\)",
     ),
     (
         lambda: bm("causal", 64),

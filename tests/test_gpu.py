@@ -106,6 +106,10 @@ def test_block_mask_equals_torch_create_block_mask(name, size):
     ref.assert_same_block_tables(ours, theirs)
     dense = fm.block_mask_to_dense(ours)[:, 0].cpu()
     assert torch.equal(dense, oracle.expand_as(dense))
+    # The masks hold CPU tensors (made from lists): copied to the device, never refused.
+    direct = fm.to_dense(mask, q, kv, device=DEVICE)
+    assert direct.device.type == DEVICE.type
+    assert torch.equal(direct[:, 0].cpu(), oracle.expand_as(dense))
 
 
 @pytest.mark.parametrize("name", ["padding_right", "document_1d", "packed", "tree_context"])
@@ -148,10 +152,17 @@ def test_gqa_and_multi_query(num_kv_heads):
     check_module(module(num_kv_heads=num_kv_heads), inputs(), mask, oracle)
 
 
-@pytest.mark.parametrize("block_size", [64, 128, 256])
-def test_block_sizes_the_kernel_accepts(block_size):
+@pytest.mark.parametrize(
+    ("block_size", "dtype"),
+    [(48, torch.float32), (64, torch.float32), (64, torch.bfloat16), (128, torch.float32),
+     (256, torch.float32)],
+    ids=["48-fp32", "64-fp32", "64-bf16", "128-fp32", "256-fp32"],
+)  # fmt: skip
+def test_block_sizes_the_kernel_accepts(block_size, dtype):
+    """Blocks smaller than torch's default tiles (128 query rows on Hopper) need tiles of their
+    own (``runners.kernel_tiles``); torch refused to compile them."""
     mask, oracle = cases(S)["window_or_chunk"]
-    check_module(module(block_size=block_size), inputs(), mask, oracle)
+    check_module(module(block_size=block_size, dtype=dtype), inputs(dtype=dtype), mask, oracle)
 
 
 def test_padding_rows_are_zero_and_nan_in_pads_stays_out():
