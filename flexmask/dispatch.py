@@ -16,7 +16,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from .runners import MaskForms
+from .runners import MaskForms, backward_tiles_refuse
 from .sparse_plan import plan
 
 __all__ = ["BACKENDS", "SPARSE_MAX_DENSITY", "Backend", "Call", "choose"]
@@ -85,7 +85,7 @@ def score_mod_where_flex_runs(call: Call, forms: MaskForms) -> Backend | None:
     """A score_mod runs in flex's kernel where flex can run, else in the explicit softmax."""
     if not call.score_mod:
         return None
-    return "flex" if call.flex_runs else "sdpa"
+    return "flex" if call.flex_runs and not _flex_cannot_train(call, forms) else "sdpa"
 
 
 def cpu_decoding(call: Call, forms: MaskForms) -> Backend | None:
@@ -108,9 +108,16 @@ def cpu_sparse_or_dense(call: Call, forms: MaskForms) -> Backend | None:
 
 
 def accelerator(call: Call, forms: MaskForms) -> Backend | None:
-    """On an accelerator, flex; SDPA when dropout is on (flex has none) or when every call has
-    a new shape (Transformers' growing caches), which flex would compile afresh each time."""
-    return "sdpa" if call.dropout or call.shapes_vary else "flex"
+    """On an accelerator, flex; SDPA when dropout is on (flex has none), when every call has
+    a new shape (Transformers' growing caches), which flex would compile afresh each time, or
+    when training with blocks torch's backward kernel cannot take."""
+    if call.dropout or call.shapes_vary or _flex_cannot_train(call, forms):
+        return "sdpa"
+    return "flex"
+
+
+def _flex_cannot_train(call: Call, forms: MaskForms) -> str | None:
+    return backward_tiles_refuse(call.q, forms.block_sizes) if call.needs_grad else None
 
 
 AUTO: tuple[Rule, ...] = (
@@ -149,6 +156,12 @@ def choose(requested: str, call: Call, forms: MaskForms) -> Backend:
         )
     if requested == "flex":
         _check_flex(call)
+        if reason := _flex_cannot_train(call, forms):
+            raise ValueError(
+                f"backend='flex' cannot train here: {reason}. Use block_size=128 (or a "
+                "multiple of it), float32, backend='auto' (which runs SDPA here), or "
+                "torch.no_grad()."
+            )
     return requested  # type: ignore[return-value]
 
 

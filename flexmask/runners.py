@@ -87,6 +87,13 @@ class MaskForms:
         """Only a dense mask (a 4-D tensor from Transformers): SDPA is the one runner for it."""
         return self._dense is not None and self.mask is None and self._block is None
 
+    @property
+    def block_sizes(self) -> tuple[int, int]:
+        """The BlockMask's (query, key) block sizes, built or not."""
+        if self._block is not None:
+            return self._block.BLOCK_SIZE
+        return self.block_size, self.block_size
+
     def prepare(self, backend: str, q: Tensor, s_kv: int) -> None:
         """Build now the form ``backend``'s runner takes, so that its errors come before any
         state changes (a KV cache's write)."""
@@ -142,10 +149,10 @@ def flex(q: Tensor, k: Tensor, v: Tensor, forms: MaskForms, options: Options) ->
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one graph per mask
         return _compiled_flex()(q, k, v, score_mod=options.score_mod, block_mask=bm,
                                 scale=options.scale, enable_gqa=_gqa(q, k),
-                                kernel_options=kernel_tiles(q, bm))  # fmt: skip
+                                kernel_options=kernel_tiles(q, bm.BLOCK_SIZE))  # fmt: skip
 
 
-def kernel_tiles(q: Tensor, bm: BlockMask) -> dict[str, int] | None:
+def kernel_tiles(q: Tensor, block_sizes: tuple[int, int]) -> dict[str, int] | None:
     """Forward tile sizes for a BlockMask whose blocks are not multiples of 128, else None.
 
     Torch's CUDA kernel takes one tile size per GPU, dtype and head dim (128 query rows on
@@ -153,12 +160,42 @@ def kernel_tiles(q: Tensor, bm: BlockMask) -> dict[str, int] | None:
     H200. These tiles divide the blocks and are no larger than torch's defaults. Queries shorter
     than 128 go to FlexDecoding, which picks its own tiles (a forward tile would override them).
     """
-    q_block, kv_block = bm.BLOCK_SIZE
+    q_block, kv_block = block_sizes
     if q.device.type != "cuda" or q.shape[2] < 128 or (q_block % 128 == 0 and kv_block % 128 == 0):
         return None
     head_dim = q.shape[-1]
     tile = 64 if q.element_size() == 2 and head_dim <= 128 else 32 if head_dim <= 128 else 16
     return {"fwd_BLOCK_M": math.gcd(q_block, tile), "fwd_BLOCK_N": math.gcd(kv_block, tile)}
+
+
+def backward_tiles_refuse(q: Tensor, block_sizes: tuple[int, int]) -> str | None:
+    """Why torch's CUDA backward kernel cannot take these blocks, or None where it can.
+
+    Its tiles come from a fixed list per GPU, dtype and head dim (torch's inductor ``choices``),
+    and it has no kernel when no tile divides the blocks: bfloat16 at ``block_size=64`` on an
+    H200 (tiles of 128 keys) failed to compile with ``NoValidChoicesError``.
+    """
+    q_block, kv_block = block_sizes
+    if q.device.type != "cuda" or (q_block % 128 == 0 and kv_block % 128 == 0):
+        return None
+    try:
+        from torch._inductor.virtualized import V
+
+        tiles = V.choices.get_flex_attention_bwd_configs(q.shape[-1], q.dtype, "cuda")
+    except (ImportError, AttributeError, TypeError):  # another torch: let its kernel decide
+        return None
+    for t in tiles:
+        pairs = ((q_block, t.block_m1), (kv_block, t.block_n1), (kv_block, t.block_n2),
+                 (q_block, t.block_m2))  # fmt: skip
+        if all(block % tile == 0 for block, tile in pairs):
+            return None
+    sizes = sorted({f"{t.block_m1}x{t.block_n1} and {t.block_m2}x{t.block_n2}" for t in tiles})
+    gpu = torch.cuda.get_device_name(q.device)
+    return (
+        f"torch {torch.__version__}'s FlexAttention backward on {gpu} in {q.dtype} with head "
+        f"dim {q.shape[-1]} has tiles of {'; '.join(sizes)} (queries x keys), none of which "
+        f"divides blocks of {q_block} x {kv_block}"
+    )
 
 
 def sparse(q: Tensor, k: Tensor, v: Tensor, forms: MaskForms, options: Options) -> Tensor:
