@@ -213,8 +213,15 @@ def _tiled_block_mask(
         full, partial = full.expand(-1, heads, -1, -1), partial.expand(-1, heads, -1, -1)
     num, idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
-    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block_size,
-                                    mask_mod=mask, seq_lengths=(q_len, kv_len))  # fmt: skip
+    result = BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                      mask_mod=mask, seq_lengths=(q_len, kv_len),
+                                      compute_q_blocks=False)  # fmt: skip
+    # The query-side tables (for the backward pass) from the same grids, transposed: torch's
+    # from_kv_blocks rebuilds the grids under vmap, which cost ~10 ms of Python per decode step
+    # on an H200, several times the attention itself.
+    result.q_num_blocks, result.q_indices = _ordered(partial.transpose(-2, -1))
+    result.full_q_num_blocks, result.full_q_indices = _ordered(full.transpose(-2, -1))
+    return result
 
 
 def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:

@@ -79,8 +79,9 @@ class MaskForms:
         return self.mask is None or self.mask == full()
 
     def causal(self, q: Tensor, s_kv: int) -> bool:
-        """``causal()`` on a square problem: SDPA's ``is_causal`` kernel computes it."""
-        return self.mask == causal() and self._block is None and s_kv == q.shape[2]
+        """``causal()`` on a square problem: SDPA's ``is_causal`` kernel computes it (also once
+        its BlockMask is built: the GPU benchmark's auto row ran the dense mask, 3-4x slower)."""
+        return self.mask == causal() and s_kv == q.shape[2]
 
     @property
     def dense_only(self) -> bool:

@@ -215,6 +215,49 @@ def test_auto_dispatch_on_an_accelerator(facts, expected):
     assert dispatch.choose("auto", dispatch.Call(q, 256, **call), forms) == expected
 
 
+def test_blocks_torch_cannot_train_go_to_sdpa(monkeypatch):
+    """Where torch's backward kernel has no tile for the blocks (bf16 at 64 on an H200, found
+    by ``make gpu-check``), auto trains with SDPA and flex says why it cannot; inference and
+    blocks of 128 stay on flex."""
+    q = torch.empty(2, H, 256, E // H, device="meta")  # not CPU: stands in for CUDA
+
+    def refuse(q, sizes):
+        return "no tile of 128 keys divides 64" if sizes[1] % 128 else None
+
+    monkeypatch.setattr(dispatch, "backward_tiles_refuse", refuse)
+    call = dict(dropout=False, score_mod=False, softmax_only=False, decoding=False,
+                shapes_vary=False)  # fmt: skip
+    for block_size, grad, expected in [
+        (64, True, "sdpa"),
+        (64, False, "flex"),
+        (128, True, "flex"),
+    ]:
+        forms = MaskForms(fm.sliding_window(16), block_size=block_size)
+        facts = dispatch.Call(q, 256, needs_grad=grad, **call)
+        assert dispatch.choose("auto", facts, forms) == expected
+    with pytest.raises(ValueError, match=r"backend='flex' cannot train here: no tile of 128 keys"):
+        dispatch.choose("flex", dispatch.Call(q, 256, needs_grad=True, **call),
+                        MaskForms(fm.sliding_window(16), block_size=64))  # fmt: skip
+    from flexmask.runners import backward_tiles_refuse
+
+    assert backward_tiles_refuse(torch.zeros(1, 1, 256, 8), (64, 64)) is None  # not CUDA
+
+
+def test_square_causal_runs_sdpa_is_causal_once_its_block_mask_is_built(monkeypatch):
+    """The GPU benchmark built the BlockMask first, and auto then ran the dense mask instead
+    of ``is_causal`` (3-4x slower on an H200)."""
+    import flexmask.runners as runners
+
+    q, k, v = (torch.randn(1, 2, 64, 8) for _ in range(3))
+    forms = MaskForms(fm.causal(), block_size=16)
+    forms.block_mask(q, 64)
+    monkeypatch.setattr(runners, "masked_sdpa", lambda *a, **kw: pytest.fail("dense mask ran"))
+    out = runners.sdpa(q, k, v, forms, runners.Options())
+    assert torch.equal(
+        out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    )
+
+
 def test_auto_dispatch_threshold_can_be_overridden():
     x = torch.zeros(2, 256, E)
     mask = fm.causal() & fm.padding([256, 200])  # density 0.44
