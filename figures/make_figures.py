@@ -28,10 +28,17 @@ FACTORIES = {
     "full": fm.full(),
     "causal": fm.causal(),
     "sliding_window": fm.sliding_window(6),
+    "local_window": fm.local_window(3, 5),
+    "dilated_window": fm.dilated_window(6, 2),
+    "sink_tokens": fm.sink_tokens(4),
+    "global_tokens": fm.global_tokens([0, 17]),
     "prefix_lm": fm.prefix_lm(10),
     "padding": fm.padding([24]),
+    "key_padding": fm.key_padding([24]),
     "document": fm.document([0] * 10 + [1] * 14 + [2] * 8),
     "packed": fm.packed([10, 14, 8]),
+    "from_position_ids": fm.from_position_ids([*range(10), *range(14), *range(8)]),
+    "from_cu_seqlens": fm.from_cu_seqlens([0, 10, 24, 32], causal=True),
     "chunked": fm.chunked(8),
     "tree": fm.tree([-1] + [(i - 1) // 2 for i in range(1, N)]),  # a binary tree, no context
 }

@@ -18,10 +18,13 @@ from .masks import (
     MaskMod,
     causal,
     chunked,
+    dilated_window,
     document,
+    from_cu_seqlens,
     from_hf_attention_mask,
     from_position_ids,
     full,
+    global_tokens,
     key_padding,
     local_window,
     packed,
@@ -38,15 +41,17 @@ __all__ = ["FACTORIES", "ExpressionError", "parse_mask"]
 FACTORIES: dict[str, Callable[..., MaskMod]] = {
     f.__name__: f
     for f in (
-        full, causal, sliding_window, local_window, sink_tokens, prefix_lm, padding, key_padding,
-        document, from_position_ids, packed, chunked, tree, shifted, from_hf_attention_mask,
+        full, causal, sliding_window, local_window, dilated_window, sink_tokens, global_tokens,
+        prefix_lm, padding, key_padding, document, from_position_ids, packed, from_cu_seqlens,
+        chunked, tree, shifted, from_hf_attention_mask,
     )
 }  # fmt: skip
 CHOICES = {
     ("padding", "side"): ("right", "left"),
     ("key_padding", "side"): ("right", "left"),
 }  # the only places a string may appear
-FLAGS = {("from_hf_attention_mask", "keys_only")}  # the only places True/False may appear
+# the only places True/False may appear
+FLAGS = {("from_hf_attention_mask", "keys_only"), ("from_cu_seqlens", "causal")}
 MAX_CHARS = 100_000
 
 _REFUSED = {  # what to call a node we refuse, for the error message

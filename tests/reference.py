@@ -106,6 +106,49 @@ def packed(q_len: int, kv_len: int, lengths: list[int]) -> Tensor:
     return blocks[:q_len, :kv_len][None]
 
 
+def packed_rows(q_len: int, kv_len: int, lengths: list[list[int]]) -> Tensor:
+    """Each batch row its own documents."""
+    return torch.cat([packed(q_len, kv_len, row) for row in lengths])
+
+
+def dilated_window(q_len: int, kv_len: int, window: int, dilation: int) -> Tensor:
+    """Band ``|q - kv| <= window`` from tril, keeping every ``dilation``-th diagonal by a loop."""
+    ones = _ones(q_len, kv_len)
+    band = ones.tril(window) & ~ones.tril(-window - 1)
+    keep = torch.zeros(q_len, kv_len, dtype=torch.bool)
+    for d in range(-window, window + 1, 1):
+        if d % dilation == 0:
+            keep |= ones.tril(d) & ~ones.tril(d - 1)  # the diagonal kv - q == d
+    return (band & keep)[None]
+
+
+def global_tokens(q_len: int, kv_len: int, indices: list[int] | list[list[int]]) -> Tensor:
+    rows = indices if indices and isinstance(indices[0], list) else [indices]
+    out = []
+    for row in rows:
+        dense = torch.zeros(q_len, kv_len, dtype=torch.bool)
+        for i in row:
+            if 0 <= i < q_len:
+                dense[i, :] = True
+            if 0 <= i < kv_len:
+                dense[:, i] = True
+        out.append(dense)
+    return torch.stack(out)
+
+
+def cu_seqlens(cu_q: list[int], cu_kv: list[int] | None = None, causal: bool = False) -> Tensor:
+    """Block-diagonal over the varlen layout by loops; causal aligned bottom-right per block."""
+    cu_kv = cu_q if cu_kv is None else cu_kv
+    out = torch.zeros(cu_q[-1], cu_kv[-1], dtype=torch.bool)
+    for s in range(len(cu_q) - 1):
+        n_q, n_kv = cu_q[s + 1] - cu_q[s], cu_kv[s + 1] - cu_kv[s]
+        for i in range(n_q):
+            for j in range(n_kv):
+                if not causal or j <= i + n_kv - n_q:
+                    out[cu_q[s] + i, cu_kv[s] + j] = True
+    return out[None]
+
+
 def chunked(q_len: int, kv_len: int, chunk: int) -> Tensor:
     n = max(q_len, kv_len)
     blocks = torch.block_diag(*[torch.ones(chunk, chunk)] * (n // chunk + 1)).bool()

@@ -79,7 +79,22 @@ def leaf(draw):
         return call(kind, ints(ids, t)), fm.document(ids)
     if kind == "packed":
         cut = draw(st.integers(0, N))
+        if draw(st.booleans()):  # each batch row its own documents
+            rows = [[cut, N - cut], [N, 0]]
+            node = ast.List([ast.List([ast.Constant(v) for v in r]) for r in rows])
+            return call(kind, lengths=node), fm.packed(rows)
         return call(kind, lengths=ints([cut, N - cut], t)), fm.packed([cut, N - cut])
+    if kind == "dilated_window":
+        w, d = draw(st.integers(0, N + 1)), draw(st.integers(1, 4))
+        return call(kind, ast.Constant(w), ast.Constant(d)), fm.dilated_window(w, d)
+    if kind == "global_tokens":
+        g = sorted(draw(st.sets(st.integers(0, N - 1), max_size=3)))
+        return call(kind, ints(g, t)), fm.global_tokens(g)
+    if kind == "from_cu_seqlens":
+        cut = draw(st.integers(0, N))
+        causal = draw(st.booleans())
+        node = call(kind, ints([0, cut, N], t), causal=ast.Constant(causal))
+        return node, fm.from_cu_seqlens([0, cut, N], causal=causal)
     if kind == "shifted":  # of a scalar mask: the frame grows with the offset
         offset = draw(st.integers(0, 5))
         w = draw(st.integers(1, N))

@@ -58,3 +58,19 @@ def test_gym_mask_mods_compose_with_ours():
     mask = fm.chunked(16) & gym.generate_sliding_window(3)
     want = gym_dense(gym.generate_sliding_window(3), 40, 40) & ours(fm.chunked(16), 40, 40)
     assert torch.equal(ours(mask, 40, 40), want)
+
+
+@pytest.mark.parametrize(("q_len", "kv_len"), SIZES)
+@pytest.mark.parametrize(("window", "dilation"), [(0, 1), (4, 2), (16, 3), (50, 1)])
+def test_dilated_window(q_len, kv_len, window, dilation):
+    want = gym_dense(gym.generate_dilated_sliding_window(window, dilation), q_len, kv_len)
+    assert torch.equal(ours(fm.dilated_window(window, dilation), q_len, kv_len), want)
+
+
+@pytest.mark.parametrize("n", [37, 128, 200])
+@pytest.mark.parametrize("indices", [[0], [0, 5, 36], []])
+def test_global_tokens_with_a_window_is_longformer(n, indices):
+    is_global = torch.zeros(n, dtype=torch.bool)
+    is_global[indices] = True
+    want = gym_dense(gym.generate_global_sliding_window(3, is_global), n, n)
+    assert torch.equal(ours(fm.local_window(3, 3) | fm.global_tokens(indices), n, n), want)

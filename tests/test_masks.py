@@ -36,6 +36,16 @@ def _split(n: int) -> list[int]:
     return [n // 3, n - n // 3 - n // 4, n // 4]
 
 
+def _offsets(n: int) -> list[int]:
+    """A varlen layout of ``n`` tokens in four sequences, one of them empty."""
+    return [0, n // 3, n // 3, n - n // 4, n]
+
+
+def _rows(n: int) -> list[list[int]]:
+    """Per-row document lengths of ``n`` tokens, zero-padded."""
+    return [_split(n), [n, 0, 0], [1, n - 1, 0]]
+
+
 # name -> (q_len, kv_len) -> (mask, oracle [B, q_len, kv_len])
 CASES = {
     "full": lambda q, kv: (fm.full(), ref.full(q, kv)),
@@ -47,6 +57,35 @@ CASES = {
     "local_window_15_14": lambda q, kv: (fm.local_window(15, 14), ref.local_window(q, kv, 15, 14)),
     "local_window_14_15": lambda q, kv: (fm.local_window(14, 15), ref.local_window(q, kv, 14, 15)),
     "sink_tokens_5": lambda q, kv: (fm.sink_tokens(5), ref.sink_tokens(q, kv, 5)),
+    "dilated_window_37_3": lambda q, kv: (
+        fm.dilated_window(37, 3),
+        ref.dilated_window(q, kv, 37, 3),
+    ),
+    # 16 at dilation 2: the window's edge on a block's edge at blocks of 16
+    "dilated_window_16_2": lambda q, kv: (
+        fm.dilated_window(16, 2),
+        ref.dilated_window(q, kv, 16, 2),
+    ),
+    "global_tokens_1d": lambda q, kv: (
+        fm.global_tokens([0, 63, 64]),
+        ref.global_tokens(q, kv, [0, 63, 64]),
+    ),
+    "global_tokens_2d": lambda q, kv: (
+        fm.global_tokens([[0, 17, 130], [5, -1, -1], [-1, -1, -1]]),
+        ref.global_tokens(q, kv, [[0, 17, 130], [5, -1, -1], [-1, -1, -1]]),
+    ),
+    "from_cu_seqlens": lambda q, kv: (
+        fm.from_cu_seqlens(_offsets(q), _offsets(kv)),
+        ref.cu_seqlens(_offsets(q), _offsets(kv)),
+    ),
+    "from_cu_seqlens_causal": lambda q, kv: (
+        fm.from_cu_seqlens(_offsets(q), _offsets(kv), causal=True),
+        ref.cu_seqlens(_offsets(q), _offsets(kv), causal=True),
+    ),
+    "packed_rows": lambda q, kv: (
+        fm.packed(_rows(max(q, kv))),
+        ref.packed_rows(q, kv, _rows(max(q, kv))),
+    ),
     "key_padding_right": lambda q, kv: (
         fm.key_padding([kv, 0, min(63, kv)]),  # 63: a block's last key at blocks of 16 and 64
         ref.key_padding_lengths(q, kv, [kv, 0, min(63, kv)]),
@@ -132,6 +171,14 @@ PICTURES = {  # name: (mask, q_len, kv_len, oracle)
     "sliding_window": (fm.sliding_window(3), 5, 5, ref.sliding_window(5, 5, 3)),
     "local_window": (fm.local_window(1, 2), 5, 5, ref.local_window(5, 5, 1, 2)),
     "sink_tokens": (fm.sink_tokens(2), 4, 4, ref.sink_tokens(4, 4, 2)),
+    "dilated_window": (fm.dilated_window(2, 2), 5, 5, ref.dilated_window(5, 5, 2, 2)),
+    "global_tokens": (fm.global_tokens([1]), 4, 4, ref.global_tokens(4, 4, [1])),
+    "from_cu_seqlens": (
+        fm.from_cu_seqlens([0, 1, 3], [0, 2, 4], causal=True),
+        3,
+        4,
+        ref.cu_seqlens([0, 1, 3], [0, 2, 4], causal=True),
+    ),
     "key_padding": (fm.key_padding([3]), 4, 4, ref.key_padding_lengths(4, 4, [3])),
     "from_position_ids": (
         fm.from_position_ids([0, 1, 0, 1]),
@@ -199,6 +246,12 @@ def leaves(q, kv):
             lambda w: (fm.local_window(*w), ref.local_window(q, kv, *w))
         ),
         st.integers(0, n + 1).map(lambda k: (fm.sink_tokens(k), ref.sink_tokens(q, kv, k))),
+        st.tuples(st.integers(0, n + 1), st.integers(1, 5)).map(
+            lambda w: (fm.dilated_window(*w), ref.dilated_window(q, kv, *w))
+        ),
+        st.sets(st.integers(0, n + 2), max_size=4).map(
+            lambda g: (fm.global_tokens(sorted(g)), ref.global_tokens(q, kv, sorted(g)))
+        ),
         st.tuples(st.lists(st.integers(0, kv), min_size=2, max_size=2), st.booleans()).map(
             lambda p: (
                 fm.key_padding(p[0], "left" if p[1] else "right"),
@@ -425,3 +478,45 @@ def test_local_window_without_keys_after_is_the_sliding_window(w):
 def test_local_window_refuses_bad_sizes(args, error):
     with pytest.raises(error, match=r"local_window\((left|right)=...\)"):
         fm.local_window(*args)
+
+
+def test_dilated_window_of_dilation_one_is_the_local_window():
+    for q, kv in ((200, 200), (130, 260)):
+        want = fm.to_dense(fm.local_window(9, 9), q, kv)
+        assert torch.equal(fm.to_dense(fm.dilated_window(9, 1), q, kv), want)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: fm.dilated_window(-1, 1), ValueError, r"dilated_window\(window=...\) needs a value >= 0"),
+        (lambda: fm.dilated_window(3, 0), ValueError, r"dilated_window\(dilation=...\) needs a value >= 1"),
+        (lambda: fm.dilated_window(3, 1.0), TypeError, r"dilated_window\(dilation=...\) needs an int"),
+        (lambda: fm.global_tokens([0, -2]), ValueError, r"positions >= 0 \(or -1 for none\), got -2"),
+        (lambda: fm.global_tokens([[0, 3, 3]]), ValueError, r"repeats a position within a row"),
+        (lambda: fm.global_tokens([0.5]), TypeError, r"global_tokens\(indices=...\) needs an integer"),
+        (lambda: fm.global_tokens(torch.zeros(1, 1, 1, dtype=torch.long)), ValueError, r"1-D or 2-D"),
+        (lambda: fm.packed([[2, 1], [1, 1]]), ValueError, r"rows of \[3, 2\] tokens"),
+        (lambda: fm.packed([[2, -1]]), ValueError, r"lengths >= 0"),
+        (lambda: fm.from_cu_seqlens([1, 3]), ValueError, r"start at 0 and end at the total"),
+        (lambda: fm.from_cu_seqlens([0]), ValueError, r"start at 0 and end at the total"),
+        (lambda: fm.from_cu_seqlens([0, 3, 2]), ValueError, r"never decrease"),
+        (lambda: fm.from_cu_seqlens([0, 3], [0, 1, 2]), ValueError, r"as many key sequences"),
+        (lambda: fm.from_cu_seqlens([0, 3], causal=1), TypeError, r"causal=...\) must be True or"),
+        (lambda: fm.to_dense(fm.from_cu_seqlens([0, 3]), 4), ValueError, r"lays out 3 query and 3 key"),
+        (lambda: fm.to_dense(fm.packed([[2, 1]]), 4), ValueError, r"lengths sum 3 positions"),
+    ],
+)  # fmt: skip
+def test_new_factories_refuse_bad_arguments(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_from_cu_seqlens_aligns_causality_bottom_right_like_flash_attn():
+    """flash-attn's docstring example: 2 queries after 5 keys keep the last two rows of the
+    5 x 5 causal mask; 5 queries before 2 keys see nothing in their first three rows."""
+    m = fm.from_cu_seqlens([0, 2], [0, 5], causal=True)
+    assert fm.to_dense(m, 2, 5)[0, 0].int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    m = fm.from_cu_seqlens([0, 5], [0, 2], causal=True)
+    rows = fm.to_dense(m, 5, 2)[0, 0].int().tolist()
+    assert rows == [[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]]

@@ -13,12 +13,21 @@ callables), ``leaf.py`` (masks declared by their fields), ``tiles.py`` (the tile
 
 from .algebra import and_masks, as_mask, not_mask, or_masks
 from .base import MAX_DEPTH, MaskMod, MaskModFn, check_depth
-from .basic import causal, chunked, full, local_window, prefix_lm, sink_tokens, sliding_window
-from .documents import document, from_position_ids, packed
+from .basic import (
+    causal,
+    chunked,
+    dilated_window,
+    full,
+    local_window,
+    prefix_lm,
+    sink_tokens,
+    sliding_window,
+)
+from .documents import document, from_cu_seqlens, from_position_ids, packed
 from .leaf import Leaf, Wrapper, declared, fmt_tensor
 from .offsets import shifted, with_offset
 from .tiles import Tiles
-from .tokens import from_hf_attention_mask, key_padding, padding
+from .tokens import from_hf_attention_mask, global_tokens, key_padding, padding
 from .trees import tree
 
 __all__ = [
@@ -34,11 +43,14 @@ __all__ = [
     "check_depth",
     "chunked",
     "declared",
+    "dilated_window",
     "document",
     "fmt_tensor",
+    "from_cu_seqlens",
     "from_hf_attention_mask",
     "from_position_ids",
     "full",
+    "global_tokens",
     "key_padding",
     "local_window",
     "not_mask",

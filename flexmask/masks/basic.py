@@ -1,5 +1,5 @@
 """The masks of positions alone: ``full``, ``causal``, ``sliding_window``, ``local_window``,
-``sink_tokens``, ``prefix_lm``, ``chunked``."""
+``dilated_window``, ``sink_tokens``, ``prefix_lm``, ``chunked``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .tiles import Tiles
 __all__ = [
     "causal",
     "chunked",
+    "dilated_window",
     "full",
     "local_window",
     "prefix_lm",
@@ -197,6 +198,67 @@ def local_window(left: int, right: int) -> MaskMod:
     return _LocalWindow(
         check_int(left, "local_window(left=...)", minimum=0),
         check_int(right, "local_window(right=...)", minimum=0),
+    )
+
+
+@declared
+class _DilatedWindow(Leaf):
+    window: int
+    dilation: int
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        distance = (q_idx - kv_idx).abs()
+        return (distance <= self.window) & (distance % self.dilation == 0)
+
+    def _expr(self) -> str:
+        return f"dilated_window({self.window}, {self.dilation})"
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        # A tile of consecutive queries and keys holds every offset kv - q in [lo, hi]: some pair
+        # is kept when a multiple of the dilation lies in that range within the window, every
+        # pair when the whole range is in the window and every offset is a multiple.
+        t, w, d = tiles, self.window, self.dilation
+        lo, hi = t.k0 - t.q1, t.k1 - t.q0
+        in_lo, in_hi = lo.clamp(min=-w), hi.clamp(max=w)
+        some = (in_lo <= in_hi) & (torch.div(in_hi, d, rounding_mode="floor") * d >= in_lo)
+        every = (lo >= -w) & (hi <= w) & ((d == 1) | ((lo == hi) & (lo % d == 0)))
+        return every, some
+
+
+def dilated_window(window: int, dilation: int) -> MaskMod:
+    """Keys at most ``window`` positions away on either side, at every ``dilation``-th offset.
+
+    Keeps ``|q_idx - kv_idx| <= window and |q_idx - kv_idx| % dilation == 0``: attention-gym's
+    ``generate_dilated_sliding_window(window, dilation)``. It is two-sided; ``& causal()`` keeps
+    the past. ``dilated_window(w, 1)`` is ``local_window(w, w)``. For ``dilated_window(2, 2)``,
+    5 tokens::
+
+        ■ ⬚ ■ ⬚ ⬚
+        ⬚ ■ ⬚ ■ ⬚
+        ■ ⬚ ■ ⬚ ■
+        ⬚ ■ ⬚ ■ ⬚
+        ⬚ ⬚ ■ ⬚ ■
+
+    Args:
+        window: the farthest key on either side (>= 0).
+        dilation: the step between kept offsets (>= 1).
+
+    Raises:
+        TypeError: if ``window`` or ``dilation`` is not an int.
+        ValueError: if ``window < 0`` or ``dilation < 1``.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.to_dense(fm.dilated_window(2, 2) & fm.causal(), 4)[0, 0].int().tolist()
+        [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1]]
+    """
+    return _DilatedWindow(
+        check_int(window, "dilated_window(window=...)", minimum=0),
+        check_int(dilation, "dilated_window(dilation=...)", minimum=1),
     )
 
 

@@ -1,5 +1,5 @@
-"""Real tokens and padding: ``padding`` and ``key_padding`` (lengths per row) and
-``from_hf_attention_mask`` (a Transformers 0/1 mask, any pattern)."""
+"""Tokens by position: ``padding`` and ``key_padding`` (lengths per row), ``global_tokens``
+(Longformer's) and ``from_hf_attention_mask`` (a Transformers 0/1 mask, any pattern)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._checks import capture, check_flag, lengths_tensor
+from .._checks import capture, check_flag, int_tensor, lengths_tensor
 from .base import MaskMod
 from .leaf import Leaf, declared, fmt_tensor
 from .tiles import Tiles
 
-__all__ = ["from_hf_attention_mask", "key_padding", "padding"]
+__all__ = ["from_hf_attention_mask", "global_tokens", "key_padding", "padding"]
 
 
 @declared
@@ -164,6 +164,79 @@ def key_padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod
     if side not in ("right", "left"):
         raise ValueError(f"key_padding(side=...) must be 'right' or 'left', got {side!r}.")
     return _Padding(tensor, side, keys_only=True)
+
+
+@declared
+class _GlobalTokens(Leaf):
+    indices: Tensor  # [N] or [B, N] positions, -1 for none
+
+    def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        idx = self.indices if self.indices.dim() == 1 else self.indices[b]
+        return (idx == q_idx[..., None]).any(-1) | (idx == kv_idx[..., None]).any(-1)
+
+    def _expr(self) -> str:
+        return f"global_tokens({fmt_tensor(self.indices)})"
+
+    def _own_batch(self) -> int | None:
+        return self.indices.shape[0] if self.indices.dim() == 2 else None
+
+    @property
+    def exact_bounds(self) -> bool:
+        return True
+
+    def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
+        # Every pair of a tile is kept when all its queries or all its keys are global (the
+        # indices are distinct), some pair when one of its queries or keys is.
+        t = tiles
+        idx = (self.indices if self.indices.dim() == 1 else self.indices[t.b]).to(t.q0.device)
+        inside_q = ((idx >= t.q0[..., None]) & (idx <= t.q1[..., None])).sum(-1)  # [NQ, 1]
+        inside_k = ((idx >= t.k0[..., None]) & (idx <= t.k1[..., None])).sum(-1)  # [1, NK]
+        size_q, size_k = t.q1 - t.q0 + 1, t.k1 - t.k0 + 1
+        every = ((inside_q == size_q) & (size_q > 0)) | ((inside_k == size_k) & (size_k > 0))
+        return every, (inside_q > 0) | (inside_k > 0)
+
+
+def global_tokens(indices: Tensor | Sequence[int]) -> MaskMod:
+    """Global tokens (Longformer): they see every key, and every query sees them.
+
+    Keeps a pair when ``q_idx`` or ``kv_idx`` is one of ``indices``. Combine with a local pattern:
+    ``local_window(w, w) | global_tokens([0])`` is Longformer's (attention-gym's
+    ``generate_global_sliding_window``); ``& causal()`` makes it a decoder's. For
+    ``indices=[1]``, 4 tokens::
+
+        ⬚ ■ ⬚ ⬚
+        ■ ■ ■ ■
+        ⬚ ■ ⬚ ⬚
+        ⬚ ■ ⬚ ⬚
+
+    Args:
+        indices: ``[N]`` positions, the same for every row, or ``[B, N]``, one row per sequence,
+            padded with -1 where a row has fewer. Distinct within a row.
+
+    Raises:
+        TypeError: if ``indices`` is not an integer tensor or list of ints.
+        ValueError: if it is not 1-D or 2-D, holds a value below -1, or repeats a position
+            within a row.
+
+    Example:
+        >>> import flexmask as fm
+        >>> m = fm.local_window(1, 1) | fm.global_tokens([0])
+        >>> fm.to_dense(m, 5)[0, 0].int().tolist()[-1]
+        [1, 0, 0, 1, 1]
+    """
+    call = "global_tokens(indices=...)"
+    tensor = int_tensor(indices, call, ranks=(1, 2))
+    if tensor.numel() and int(tensor.min()) < -1:
+        raise ValueError(f"{call} needs positions >= 0 (or -1 for none), got {int(tensor.min())}.")
+    rows = tensor.reshape(-1, tensor.shape[-1]) if tensor.numel() else tensor.reshape(0, 0)
+    for row in rows:
+        kept = row[row >= 0]
+        if kept.unique().numel() != kept.numel():
+            raise ValueError(
+                f"{call} repeats a position within a row ({row.tolist()}); give each global "
+                "token once."
+            )
+    return _GlobalTokens(tensor)
 
 
 @declared
