@@ -11,6 +11,7 @@ from .cache import KVCache
 from .candidates import Tree
 from .dense import block_mask_to_dense, to_additive, to_dense, to_hf_4d
 from .diagnose import MaskStats, check, describe
+from .functional import flex_attend
 from .masks import (
     MaskMod,
     MaskModFn,
@@ -62,6 +63,7 @@ __all__ = [
     "describe",
     "dilated_window",
     "document",
+    "flex_attend",
     "from_cu_seqlens",
     "from_hf_attention_mask",
     "from_position_ids",

@@ -7,8 +7,8 @@ and how to fix it. Work whose size cannot fit in memory is refused here too, bef
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -93,6 +93,18 @@ def lengths_tensor(value: object, call: str, needs: str) -> Tensor:
     if int(tensor.max()) > MAX_INDEX:
         raise ValueError(f"{call} needs lengths <= 2**62, got {int(tensor.max())}.")
     return tensor
+
+
+def check_kernel_options(value: object, name: str) -> dict[str, Any] | None:
+    """None, or a mapping of flex's kernel option names (str) to values, copied."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise TypeError(
+            f"{name} must be None or a dict of flex_attention's kernel options "
+            f"(e.g. {{'BLOCK_M': 64}}), got {value!r}."
+        )
+    return dict(value)
 
 
 def check_flag(value: object, name: str) -> bool:

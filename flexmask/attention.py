@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_block_mask_shape, check_block_size, check_int
+from ._checks import check_block_mask_shape, check_block_size, check_int, check_kernel_options
 from .cache import KVCache
 from .dispatch import BACKENDS, SPARSE_MAX_DENSITY, Backend, Call, choose
 from .masks import MaskMod, MaskModFn, as_mask, full
@@ -60,6 +60,8 @@ class MultiheadFlexAttention(nn.Module):
         backend: ``"auto"``, ``"flex"``, ``"sparse"`` or ``"sdpa"``.
         sparse_max_density: ``"auto"``'s threshold on CPU between the sparse path and dense
             SDPA (default ``SPARSE_MAX_DENSITY``, chosen by ``make bench``).
+        kernel_options: passed to ``flex_attention`` when flex runs (tile sizes, stages; see
+            torch's ``FlexKernelOptions``); the other backends have no kernel options.
 
     Example:
         >>> import torch, flexmask as fm
@@ -81,6 +83,7 @@ class MultiheadFlexAttention(nn.Module):
         block_size: int = 128,
         backend: str = "auto",
         sparse_max_density: float = SPARSE_MAX_DENSITY,
+        kernel_options: dict[str, Any] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -97,6 +100,9 @@ class MultiheadFlexAttention(nn.Module):
         self.block_size = check_block_size(block_size)
         self.backend = backend
         self.sparse_max_density = float(sparse_max_density)
+        self.kernel_options = check_kernel_options(
+            kernel_options, "MultiheadFlexAttention(kernel_options=...)"
+        )
         kw: dict[str, Any] = {"device": device, "dtype": dtype, "bias": bias}
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, **kw)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
@@ -265,7 +271,8 @@ class MultiheadFlexAttention(nn.Module):
                     max_density=self.sparse_max_density)  # fmt: skip
 
     def _options(self) -> Options:
-        return Options(dropout_p=self.dropout if self.training else 0.0, score_mod=self.score_mod)
+        return Options(dropout_p=self.dropout if self.training else 0.0, score_mod=self.score_mod,
+                       kernel_options=self.kernel_options)  # fmt: skip
 
 
 def _check_config(

@@ -9,6 +9,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,7 @@ class Options:
     score_mod: ScoreModFn | None = None
     sinks: Tensor | None = None  # [H] logits of a virtual key of value zero (GPT-OSS)
     bias: Tensor | None = None  # additive, broadcastable to [B, H, S, S_kv] (T5)
+    kernel_options: dict[str, Any] | None = None  # flex's own, passed through
 
     @property
     def softmax_only(self) -> bool:
@@ -150,7 +152,16 @@ def flex(q: Tensor, k: Tensor, v: Tensor, forms: MaskForms, options: Options) ->
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):  # one graph per mask
         return _compiled_flex()(q, k, v, score_mod=options.score_mod, block_mask=bm,
                                 scale=options.scale, enable_gqa=_gqa(q, k),
-                                kernel_options=kernel_tiles(q, bm.BLOCK_SIZE))  # fmt: skip
+                                kernel_options=_kernel_options(q, bm, options))  # fmt: skip
+
+
+def _kernel_options(q: Tensor, bm: BlockMask, options: Options) -> dict[str, Any] | None:
+    """The caller's kernel options; flexmask's tiles (``kernel_tiles``) where the caller chose
+    no forward tile (torch would let a prefixed tile override the caller's)."""
+    given = options.kernel_options or {}
+    if any(key in given for key in ("BLOCK_M", "BLOCK_N", "fwd_BLOCK_M", "fwd_BLOCK_N")):
+        return dict(given)
+    return {**(kernel_tiles(q, bm.BLOCK_SIZE) or {}), **given} or None
 
 
 def kernel_tiles(q: Tensor, block_sizes: tuple[int, int]) -> dict[str, int] | None:

@@ -316,32 +316,36 @@ def _unblock(rows: Tensor, bsz: int, nh: int, mb: int, mh: int, nqb: int, qbs: i
     return x.permute(0, 3, 1, 4, 2, 5, 6).reshape(bsz, nh, nqb * qbs, dim)
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, who: str) -> None:
+    """q ``[B, H, S, D]``, k and v ``[B, H_kv, S_kv, D]`` of one floating dtype and device, for
+    ``who`` (the function, named in the messages)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             error = ValueError if isinstance(t, Tensor) else TypeError
-            raise error(
-                f"sparse_attention({name}=...) must be a 4-D tensor [B, H, S, D], got {got}."
-            )
+            raise error(f"{who}({name}=...) must be a 4-D tensor [B, H, S, D], got {got}.")
     if k.shape != v.shape:
-        raise ValueError(f"sparse_attention: k and v must have the same shape, got "
+        raise ValueError(f"{who}: k and v must have the same shape, got "
                          f"{tuple(k.shape)} and {tuple(v.shape)}.")  # fmt: skip
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(
-            f"sparse_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch "
+            f"{who}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch "
             "(dim 0) and head size (dim 3)."
         )
     if q.shape[1] % k.shape[1]:
         raise ValueError(
-            f"sparse_attention: query heads ({q.shape[1]}) must be a multiple of key/value heads "
+            f"{who}: query heads ({q.shape[1]}) must be a multiple of key/value heads "
             f"({k.shape[1]}) for grouped-query attention."
         )
     if q.dtype != k.dtype or q.dtype != v.dtype or not q.dtype.is_floating_point:
-        raise TypeError(f"sparse_attention: q, k, v must share one floating dtype, got "
+        raise TypeError(f"{who}: q, k, v must share one floating dtype, got "
                         f"{q.dtype}, {k.dtype}, {v.dtype}.")  # fmt: skip
     if q.device != k.device or q.device != v.device:
-        raise ValueError(f"sparse_attention: q, k, v must be on one device, got {q.device}, "
+        raise ValueError(f"{who}: q, k, v must be on one device, got {q.device}, "
                          f"{k.device}, {v.device}.")  # fmt: skip
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
+    check_qkv(q, k, v, "sparse_attention")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"sparse_attention(dropout_p=...) must be in [0, 1), got {dropout_p!r}.")

@@ -88,7 +88,9 @@ def leaf(draw):
         w, d = draw(st.integers(0, N + 1)), draw(st.integers(1, 4))
         return call(kind, ast.Constant(w), ast.Constant(d)), fm.dilated_window(w, d)
     if kind == "global_tokens":
-        g = sorted(draw(st.sets(st.integers(0, N - 1), max_size=3)))
+        g = sorted(
+            draw(st.sets(st.integers(0, N - 1), min_size=1, max_size=3))
+        )  # tensor([]) is float
         return call(kind, ints(g, t)), fm.global_tokens(g)
     if kind == "from_cu_seqlens":
         cut = draw(st.integers(0, N))

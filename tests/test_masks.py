@@ -489,13 +489,37 @@ def test_dilated_window_of_dilation_one_is_the_local_window():
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (lambda: fm.dilated_window(-1, 1), ValueError, r"dilated_window\(window=...\) needs a value >= 0"),
-        (lambda: fm.dilated_window(3, 0), ValueError, r"dilated_window\(dilation=...\) needs a value >= 1"),
-        (lambda: fm.dilated_window(3, 1.0), TypeError, r"dilated_window\(dilation=...\) needs an int"),
-        (lambda: fm.global_tokens([0, -2]), ValueError, r"positions >= 0 \(or -1 for none\), got -2"),
+        (
+            lambda: fm.dilated_window(-1, 1),
+            ValueError,
+            r"dilated_window\(window=...\) needs a value >= 0",
+        ),
+        (
+            lambda: fm.dilated_window(3, 0),
+            ValueError,
+            r"dilated_window\(dilation=...\) needs a value >= 1",
+        ),
+        (
+            lambda: fm.dilated_window(3, 1.0),
+            TypeError,
+            r"dilated_window\(dilation=...\) needs an int",
+        ),
+        (
+            lambda: fm.global_tokens([0, -2]),
+            ValueError,
+            r"positions >= 0 \(or -1 for none\), got -2",
+        ),
         (lambda: fm.global_tokens([[0, 3, 3]]), ValueError, r"repeats a position within a row"),
-        (lambda: fm.global_tokens([0.5]), TypeError, r"global_tokens\(indices=...\) needs an integer"),
-        (lambda: fm.global_tokens(torch.zeros(1, 1, 1, dtype=torch.long)), ValueError, r"1-D or 2-D"),
+        (
+            lambda: fm.global_tokens([0.5]),
+            TypeError,
+            r"global_tokens\(indices=...\) needs an integer",
+        ),
+        (
+            lambda: fm.global_tokens(torch.zeros(1, 1, 1, dtype=torch.long)),
+            ValueError,
+            r"1-D or 2-D",
+        ),
         (lambda: fm.packed([[2, 1], [1, 1]]), ValueError, r"rows of \[3, 2\] tokens"),
         (lambda: fm.packed([[2, -1]]), ValueError, r"lengths >= 0"),
         (lambda: fm.from_cu_seqlens([1, 3]), ValueError, r"start at 0 and end at the total"),
@@ -503,10 +527,14 @@ def test_dilated_window_of_dilation_one_is_the_local_window():
         (lambda: fm.from_cu_seqlens([0, 3, 2]), ValueError, r"never decrease"),
         (lambda: fm.from_cu_seqlens([0, 3], [0, 1, 2]), ValueError, r"as many key sequences"),
         (lambda: fm.from_cu_seqlens([0, 3], causal=1), TypeError, r"causal=...\) must be True or"),
-        (lambda: fm.to_dense(fm.from_cu_seqlens([0, 3]), 4), ValueError, r"lays out 3 query and 3 key"),
+        (
+            lambda: fm.to_dense(fm.from_cu_seqlens([0, 3]), 4),
+            ValueError,
+            r"lays out 3 query and 3 key",
+        ),
         (lambda: fm.to_dense(fm.packed([[2, 1]]), 4), ValueError, r"lengths sum 3 positions"),
     ],
-)  # fmt: skip
+)
 def test_new_factories_refuse_bad_arguments(call, error, message):
     with pytest.raises(error, match=message):
         call()
