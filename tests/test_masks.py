@@ -548,3 +548,30 @@ def test_from_cu_seqlens_aligns_causality_bottom_right_like_flash_attn():
     m = fm.from_cu_seqlens([0, 5], [0, 2], causal=True)
     rows = fm.to_dense(m, 5, 2)[0, 0].int().tolist()
     assert rows == [[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]]
+
+
+@pytest.mark.parametrize("q_len", [1, 5, 40])
+def test_shifted_with_one_offset_per_row_decodes_a_batch_of_lengths(q_len):
+    """Each row's queries at its own position: row b is rows ``off[b]:off[b] + q_len`` of the
+    square mask; the tiles equal torch's builder's."""
+    kv = 300
+    offsets = [kv - q_len, kv - q_len - 37, 0]
+    inner_oracle = ref.sliding_window(kv, kv, 50)[0]
+    want = torch.stack([inner_oracle[o : o + q_len] for o in offsets])
+    mask = fm.shifted(fm.sliding_window(50), torch.tensor(offsets))
+    assert mask.batch_size == 3
+    dense = fm.to_dense(mask, q_len, kv)[:, 0]
+    assert torch.equal(dense, want)
+    ours = fm.block_mask(mask, q_len, kv, block_size=16, device="cpu", method="tiles")
+    theirs = create_mask_blocks(mask.bind(q_len, kv), 3, q_len, kv)
+    ref.assert_same_block_tables(ours, theirs)
+    with pytest.raises(ValueError, match=r"gives 3 offsets, one per batch row, but the mask"):
+        fm.shifted(fm.padding([3, 4]), torch.tensor(offsets))
+    with pytest.raises(ValueError, match=r"needs values >= 0, got \[1, -1\]"):
+        fm.shifted(fm.causal(), torch.tensor([1, -1]))
+
+
+def create_mask_blocks(mask, batch, q_len, kv_len):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask, batch, None, q_len, kv_len, "cpu", BLOCK_SIZE=16)

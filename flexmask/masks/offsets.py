@@ -18,11 +18,17 @@ class _Shifted(Wrapper):
     """``inner`` evaluated ``q_offset`` query (and ``kv_offset`` key) positions further on."""
 
     inner: MaskMod
-    q_offset: int | Tensor  # an int, or a 0-d tensor that may change without recompiling
+    q_offset: int | Tensor  # an int, or a 0-d or [B] tensor that may change without recompiling
     kv_offset: int = 0
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return self.inner(b, h, q_idx + self.q_offset, kv_idx + self.kv_offset)
+        q = self.q_offset
+        q = q[b] if isinstance(q, Tensor) and q.dim() == 1 else q  # one offset per batch row
+        return self.inner(b, h, q_idx + q, kv_idx + self.kv_offset)
+
+    def _own_batch(self) -> int | None:
+        q = self.q_offset
+        return q.shape[0] if isinstance(q, Tensor) and q.dim() == 1 else self.inner.batch_size
 
     def _expr(self) -> str:
         q = self.q_offset
@@ -43,7 +49,9 @@ class _Shifted(Wrapper):
         return self.inner.exact_bounds
 
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
-        return self.inner.tile_bounds(tiles.shifted(int(self.q_offset), self.kv_offset))
+        q = self.q_offset
+        offset = int(q[tiles.b]) if isinstance(q, Tensor) and q.dim() == 1 else int(q)
+        return self.inner.tile_bounds(tiles.shifted(offset, self.kv_offset))
 
 
 def shifted(mask: MaskModFn, q_offset: int | Tensor, kv_offset: int = 0) -> MaskMod:
@@ -59,12 +67,14 @@ def shifted(mask: MaskModFn, q_offset: int | Tensor, kv_offset: int = 0) -> Mask
 
     Args:
         mask: a flexmask mask or any mask_mod callable, written in absolute positions.
-        q_offset: position of the first query (int >= 0, or a 0-d integer tensor).
+        q_offset: position of the first query: an int >= 0, a 0-d integer tensor, or a
+            ``[B]`` tensor, one per batch row (a decoding batch of different lengths).
         kv_offset: position of the first key (int >= 0; sliding-window caches drop old keys).
 
     Raises:
-        TypeError: if an offset is not an int or a 0-d integer tensor.
-        ValueError: if an offset is negative.
+        TypeError: if an offset is not an int or an integer tensor.
+        ValueError: if an offset is negative, or ``[B]`` offsets disagree with the mask's
+            batch rows.
 
     Example:
         >>> import flexmask as fm
@@ -78,9 +88,15 @@ def shifted(mask: MaskModFn, q_offset: int | Tensor, kv_offset: int = 0) -> Mask
     kv = check_int(kv_offset, "shifted(kv_offset=...)", minimum=0)
     if isinstance(q_offset, int) and not isinstance(q_offset, bool):
         return _Shifted(inner, check_int(q_offset, "shifted(q_offset=...)", minimum=0), kv)
-    q = int_tensor(q_offset, "shifted(q_offset=...)", ranks=(0,))
-    if int(q) < 0:
-        raise ValueError(f"shifted(q_offset=...) needs a value >= 0, got {int(q)}.")
+    q = int_tensor(q_offset, "shifted(q_offset=...)", ranks=(0, 1))
+    if q.numel() == 0 or int(q.min()) < 0:
+        raise ValueError(f"shifted(q_offset=...) needs values >= 0, got {q.tolist()}.")
+    rows = inner.batch_size
+    if q.dim() == 1 and rows is not None and rows != q.shape[0]:
+        raise ValueError(
+            f"shifted(q_offset=...) gives {q.shape[0]} offsets, one per batch row, but the mask "
+            f"{inner!r} holds per-batch tensors of {rows} rows."
+        )
     return _Shifted(inner, q, kv)
 
 
