@@ -40,6 +40,7 @@ FACTORIES = {
     "from_position_ids": fm.from_position_ids([*range(10), *range(14), *range(8)]),
     "from_cu_seqlens": fm.from_cu_seqlens([0, 10, 24, 32], causal=True),
     "chunked": fm.chunked(8),
+    "neighborhood_2d": fm.neighborhood_2d(4, 8, 3),  # a 4 x 8 image, 3 x 3 windows
     "tree": fm.tree([-1] + [(i - 1) // 2 for i in range(1, N)]),  # a binary tree, no context
 }
 

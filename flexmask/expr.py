@@ -27,6 +27,7 @@ from .masks import (
     global_tokens,
     key_padding,
     local_window,
+    neighborhood_2d,
     packed,
     padding,
     prefix_lm,
@@ -43,7 +44,7 @@ FACTORIES: dict[str, Callable[..., MaskMod]] = {
     for f in (
         full, causal, sliding_window, local_window, dilated_window, sink_tokens, global_tokens,
         prefix_lm, padding, key_padding, document, from_position_ids, packed, from_cu_seqlens,
-        chunked, tree, shifted, from_hf_attention_mask,
+        chunked, neighborhood_2d, tree, shifted, from_hf_attention_mask,
     )
 }  # fmt: skip
 CHOICES = {

@@ -136,6 +136,28 @@ def global_tokens(q_len: int, kv_len: int, indices: list[int] | list[list[int]])
     return torch.stack(out)
 
 
+def neighborhood_2d(height: int, width: int, kernel: int, dilation: int = 1) -> Tensor:
+    """NATTEN by loops over pixels: within the query's dilation grid, the ``kernel`` grid
+    positions centred on it along each axis, the centre moved inside the grid at the borders."""
+
+    def window(p: int, size: int) -> set[int]:
+        group = p % dilation
+        grid = list(range(group, size, dilation))  # this grid's positions along the axis
+        i = grid.index(p)
+        half = kernel // 2
+        start = min(max(i - half, 0), max(len(grid) - kernel, 0))
+        return set(grid[start : start + kernel])
+
+    n = height * width
+    out = torch.zeros(n, n, dtype=torch.bool)
+    for q in range(n):
+        rows, cols = window(q // width, height), window(q % width, width)
+        for r in rows:
+            for c in cols:
+                out[q, r * width + c] = True
+    return out[None]
+
+
 def cu_seqlens(cu_q: list[int], cu_kv: list[int] | None = None, causal: bool = False) -> Tensor:
     """Block-diagonal over the varlen layout by loops; causal aligned bottom-right per block."""
     cu_kv = cu_q if cu_kv is None else cu_kv

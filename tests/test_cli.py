@@ -92,6 +92,12 @@ def leaf(draw):
             draw(st.sets(st.integers(0, N - 1), min_size=1, max_size=3))
         )  # tensor([]) is float
         return call(kind, ints(g, t)), fm.global_tokens(g)
+    if kind == "neighborhood_2d":  # an image of N tokens: one row, two rows, or one column
+        h = draw(st.sampled_from([1, 2, N]))
+        w = N // h
+        k = draw(st.sampled_from([1, 3])) if min(s for s in (h, w) if s > 1) >= 3 else 1
+        node = call(kind, ast.Constant(h), ast.Constant(w), ast.Constant(k))
+        return node, fm.neighborhood_2d(h, w, k)
     if kind == "from_cu_seqlens":
         cut = draw(st.integers(0, N))
         causal = draw(st.booleans())

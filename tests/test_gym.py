@@ -74,3 +74,12 @@ def test_global_tokens_with_a_window_is_longformer(n, indices):
     is_global[indices] = True
     want = gym_dense(gym.generate_global_sliding_window(3, is_global), n, n)
     assert torch.equal(ours(fm.local_window(3, 3) | fm.global_tokens(indices), n, n), want)
+
+
+@pytest.mark.parametrize(("side", "kernel"), [(8, 3), (16, 5), (16, 7)])
+def test_neighborhood_2d_is_natten(side, kernel):
+    # attention-gym's generate_natten on a square canvas and kernel (its x/y naming mixes rows
+    # and columns, which only square ones hide).
+    n = side * side
+    want = gym_dense(gym.generate_natten(side, side, kernel, kernel), n, n)
+    assert torch.equal(ours(fm.neighborhood_2d(side, side, kernel), n, n), want)

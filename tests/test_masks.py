@@ -6,9 +6,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.nn.attention.flex_attention import create_mask
+from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 import flexmask as fm
+from flexmask.masks import Tiles
 from tests import reference as ref
 
 # Sizes that are and are not multiples of the block size, q_len != kv_len included.
@@ -173,6 +174,7 @@ PICTURES = {  # name: (mask, q_len, kv_len, oracle)
     "sink_tokens": (fm.sink_tokens(2), 4, 4, ref.sink_tokens(4, 4, 2)),
     "dilated_window": (fm.dilated_window(2, 2), 5, 5, ref.dilated_window(5, 5, 2, 2)),
     "global_tokens": (fm.global_tokens([1]), 4, 4, ref.global_tokens(4, 4, [1])),
+    "neighborhood_2d": (fm.neighborhood_2d(1, 4, 3), 4, 4, ref.neighborhood_2d(1, 4, 3)),
     "from_cu_seqlens": (
         fm.from_cu_seqlens([0, 1, 3], [0, 2, 4], causal=True),
         3,
@@ -533,6 +535,23 @@ def test_dilated_window_of_dilation_one_is_the_local_window():
             r"lays out 3 query and 3 key",
         ),
         (lambda: fm.to_dense(fm.packed([[2, 1]]), 4), ValueError, r"lengths sum 3 positions"),
+        (
+            lambda: fm.neighborhood_2d(8, 8, 4),
+            ValueError,
+            r"neighborhood_2d\(kernel=...\) must be odd",
+        ),
+        (
+            lambda: fm.neighborhood_2d(9, 6, 3, 3),
+            ValueError,
+            r"kernel \* dilation = 3 \* 3 = 9 is larger than the image's width \(6\)",
+        ),
+        (lambda: fm.neighborhood_2d(8, 0, 3), ValueError, r"neighborhood_2d\(width=...\)"),
+        (lambda: fm.neighborhood_2d(8, 8, 3.0), TypeError, r"neighborhood_2d\(kernel=...\)"),
+        (
+            lambda: fm.to_dense(fm.neighborhood_2d(4, 4, 3), 15),
+            ValueError,
+            r"4 x 4 = 16 tokens, but the mask is built for q_len=15",
+        ),
     ],
 )
 def test_new_factories_refuse_bad_arguments(call, error, message):
@@ -563,7 +582,7 @@ def test_shifted_with_one_offset_per_row_decodes_a_batch_of_lengths(q_len):
     dense = fm.to_dense(mask, q_len, kv)[:, 0]
     assert torch.equal(dense, want)
     ours = fm.block_mask(mask, q_len, kv, block_size=16, device="cpu", method="tiles")
-    theirs = create_mask_blocks(mask.bind(q_len, kv), 3, q_len, kv)
+    theirs = create_block_mask(mask.bind(q_len, kv), 3, None, q_len, kv, "cpu", BLOCK_SIZE=16)
     ref.assert_same_block_tables(ours, theirs)
     with pytest.raises(ValueError, match=r"gives 3 offsets, one per batch row, but the mask"):
         fm.shifted(fm.padding([3, 4]), torch.tensor(offsets))
@@ -571,7 +590,42 @@ def test_shifted_with_one_offset_per_row_decodes_a_batch_of_lengths(q_len):
         fm.shifted(fm.causal(), torch.tensor([1, -1]))
 
 
-def create_mask_blocks(mask, batch, q_len, kv_len):
-    from torch.nn.attention.flex_attention import create_block_mask
+NEIGHBORHOODS = [
+    (16, 16, 3, 1),
+    (12, 20, 5, 1),
+    (16, 16, 3, 2),
+    (9, 7, 3, 2),
+    (1, 40, 5, 1),
+    (8, 8, 1, 1),
+]
 
-    return create_block_mask(mask, batch, None, q_len, kv_len, "cpu", BLOCK_SIZE=16)
+
+@pytest.mark.parametrize(("height", "width", "kernel", "dilation"), NEIGHBORHOODS)
+def test_neighborhood_2d_equals_the_pixel_loop_and_torch_block_by_block(
+    height, width, kernel, dilation
+):
+    n = height * width
+    mask = fm.neighborhood_2d(height, width, kernel, dilation)
+    oracle = ref.neighborhood_2d(height, width, kernel, dilation)
+    assert torch.equal(fm.to_dense(mask, n)[:, 0], oracle)
+    for block in (16, 32):
+        ours = fm.block_mask(mask, n, block_size=block, device="cpu", method="tiles", cache=False)
+        theirs = create_block_mask(mask, None, None, n, n, "cpu", BLOCK_SIZE=block)
+        ref.assert_same_block_tables(ours, theirs)
+
+
+def test_neighborhood_2d_tile_bounds_are_sound_and_decide_most_tiles():
+    """On a 64 x 64 image with blocks of 64 (one image row each), the bounds alone classify every
+    tile (no pair evaluated) and never contradict the counts."""
+    mask = fm.neighborhood_2d(64, 64, 7)
+    tiles = Tiles(0, 64, 4096, 4096)
+    every, some = mask.tile_bounds(tiles)
+    counts = ref_counts(mask, 4096, 64)
+    assert bool((counts[every] == 64 * 64).all()) and bool((counts[~some] == 0).all())
+    undecided = some & ~every
+    assert int(undecided.sum()) == int(((counts > 0) & (counts < 64 * 64)).sum())
+
+
+def ref_counts(mask, n, size):
+    dense = ref.neighborhood_2d(64, 64, 7)[0].view(n // size, size, n // size, size)
+    return dense.sum((1, 3))

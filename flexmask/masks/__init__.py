@@ -8,7 +8,7 @@ the same shapes never makes ``torch.compile`` recompile.
 ``base.py`` (what every mask is and is keyed by), ``algebra.py`` (``&``, ``|``, ``~``, plain
 callables), ``leaf.py`` (masks declared by their fields), ``tiles.py`` (the tile grid that
 ``tile_bounds`` reasons about), and the factories by family: ``basic.py``, ``tokens.py``,
-``documents.py``, ``trees.py``, ``offsets.py``.
+``documents.py``, ``images.py``, ``trees.py``, ``offsets.py``.
 """
 
 from .algebra import and_masks, as_mask, not_mask, or_masks
@@ -24,6 +24,7 @@ from .basic import (
     sliding_window,
 )
 from .documents import document, from_cu_seqlens, from_position_ids, packed
+from .images import neighborhood_2d
 from .leaf import Leaf, Wrapper, declared, fmt_tensor
 from .offsets import shifted, with_offset
 from .tiles import Tiles
@@ -53,6 +54,7 @@ __all__ = [
     "global_tokens",
     "key_padding",
     "local_window",
+    "neighborhood_2d",
     "not_mask",
     "or_masks",
     "packed",
