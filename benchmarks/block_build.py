@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 
+import torch
 from _results import save
 from harness import Progress, device, measure
 
@@ -25,7 +26,25 @@ def masks(n: int) -> dict[str, fm.MaskMod]:
         "8 documents & causal": fm.packed([n // 8] * 8) & fm.causal(),
         "(window | prefix) & padding": (fm.sliding_window(512) | fm.prefix_lm(256))
         & fm.padding([n, n // 2]),
+        # the peers' masks (issue 14)
+        "local_window(256, 256)": fm.local_window(256, 256),
+        "dilated_window(512, 4)": fm.dilated_window(512, 4),
+        "(window | 4 sinks) & causal": (fm.sliding_window(256) | fm.sink_tokens(4)) & fm.causal(),
+        "local_window | 3 global tokens": fm.local_window(256, 256)
+        | fm.global_tokens([0, n // 2, n - 1]),
+        "key_padding": fm.key_padding([n, n // 3]),
+        "from_position_ids (8 docs) & causal": fm.from_position_ids(torch.arange(n) % (n // 8))
+        & fm.causal(),
+        "from_cu_seqlens(3 seqs, causal)": fm.from_cu_seqlens([0, n // 4, n // 2, n], causal=True),
+        "packed [B, N] & causal": fm.packed([[n // 2, n // 2], [n // 4, n - n // 4]]) & fm.causal(),
+        "chunked(1024, start=[B]) & causal": fm.chunked(1024, start=[0, 100]) & fm.causal(),
     }
+
+
+def images(largest: int) -> list[tuple[int, str, fm.MaskMod]]:
+    """neighborhood_2d on square images: 256 x 256 (65,536 tokens) in the full run."""
+    side = 256 if largest >= 16384 else 32
+    return [(side * side, f"neighborhood_2d({side}, {side}, 7)", fm.neighborhood_2d(side, side, 7))]
 
 
 def main() -> None:
@@ -34,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes, warmup, repeats = ([1024], 1, 1) if args.quick else ([4096, 16384], 2, 5)
     dev = device()
-    todo = [(n, name, mask) for n in sizes for name, mask in masks(n).items()]
+    todo = [(n, name, mask) for n in sizes for name, mask in masks(n).items()] + images(sizes[-1])
     bar, rows = Progress(len(todo)), []
     for n, name, mask in todo:
         bar.step(f"{n} {name}")
@@ -45,7 +64,8 @@ def main() -> None:
         }
         if n <= 4096:  # eager materialises n x n per batch row (2.6 GiB at 16384)
             methods["eager"] = functools.partial(build, method="create_block_mask", compile=False)
-        med = {k: t.ms for k, t in measure(methods, warmup=warmup, repeats=repeats,
+        rounds = (1, 1) if n > 16384 else (warmup, repeats)  # compiled: seconds per build there
+        med = {k: t.ms for k, t in measure(methods, warmup=rounds[0], repeats=rounds[1],
                                                 dev=dev).items()}  # fmt: skip
         row = {
             "tokens": n,
