@@ -249,6 +249,20 @@ def check_block_size(block_size: object) -> int:
     return block_size
 
 
+def check_block_sizes(block_size: object) -> tuple[int, int]:
+    """``block_size`` as ``(q_block, kv_block)``: an int for both, or a pair (as torch's
+    ``BLOCK_SIZE``), each a positive multiple of 16."""
+    if isinstance(block_size, tuple) and len(block_size) == 2:
+        return check_block_size(block_size[0]), check_block_size(block_size[1])
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(
+            f"block_size=... must be an int or a pair (q_block, kv_block), got "
+            f"{type(block_size).__name__} {block_size!r}."
+        )
+    size = check_block_size(block_size)
+    return size, size
+
+
 # --------------------------------------------------------------------------------------------
 # Memory: refuse work that cannot fit, before allocating it
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_block_mask_shape, check_block_size, check_int, check_kernel_options
+from ._checks import check_block_mask_shape, check_block_sizes, check_int, check_kernel_options
 from .cache import KVCache
 from .dispatch import BACKENDS, SPARSE_MAX_DENSITY, Backend, Call, choose
 from .masks import MaskMod, MaskModFn, as_mask, full
@@ -56,7 +56,8 @@ class MultiheadFlexAttention(nn.Module):
         bias: add biases to the projections.
         dropout: attention-probability dropout while training.
         score_mod: optional ``(score, b, h, q_idx, kv_idx) -> score`` (ALiBi, soft-capping, ...).
-        block_size: BlockMask tile size for masks the module builds itself.
+        block_size: BlockMask tile size for masks the module builds itself: an int, or
+            ``(q_block, kv_block)``.
         backend: ``"auto"``, ``"flex"``, ``"sparse"`` or ``"sdpa"``.
         sparse_max_density: ``"auto"``'s threshold on CPU between the sparse path and dense
             SDPA (default ``SPARSE_MAX_DENSITY``, chosen by ``make bench``).
@@ -80,7 +81,7 @@ class MultiheadFlexAttention(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         score_mod: ScoreModFn | None = None,
-        block_size: int = 128,
+        block_size: int | tuple[int, int] = 128,
         backend: str = "auto",
         sparse_max_density: float = SPARSE_MAX_DENSITY,
         kernel_options: dict[str, Any] | None = None,
@@ -97,7 +98,7 @@ class MultiheadFlexAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.dropout = dropout
         self.score_mod = score_mod
-        self.block_size = check_block_size(block_size)
+        self.block_size = check_block_sizes(block_size)
         self.backend = backend
         self.sparse_max_density = float(sparse_max_density)
         self.kernel_options = check_kernel_options(
@@ -385,7 +386,11 @@ def _real_counts(lengths: Tensor | None, bsz: int, s_q: int, device: torch.devic
 
 
 def _forms(
-    mask: MaskMod | BlockMask | None, q: Tensor, s_kv: int, num_heads: int, block_size: int
+    mask: MaskMod | BlockMask | None,
+    q: Tensor,
+    s_kv: int,
+    num_heads: int,
+    block_size: tuple[int, int],
 ) -> MaskForms:
     """The call's ``MaskForms``; a ready BlockMask is checked against the input's shape."""
     if not isinstance(mask, BlockMask):

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from ._checks import (
-    check_block_size,
+    check_block_sizes,
     check_count,
     check_lengths,
     check_memory,
@@ -46,7 +46,7 @@ def block_mask(
     *,
     batch: int | None = None,
     heads: int | None = None,
-    block_size: int = 128,
+    block_size: int | tuple[int, int] = 128,
     device: torch.device | str | None = None,
     compile: bool = True,
     cache: bool = True,
@@ -61,7 +61,8 @@ def block_mask(
         batch: batch rows; None builds one row shared by the whole batch, unless the mask holds
             per-batch tensors (``padding``, a ``[B]`` prefix), whose row count is then used.
         heads: heads; None builds one shared by all heads (right for every flexmask factory).
-        block_size: tile size, a positive multiple of 16.
+        block_size: tile size, a positive multiple of 16; or ``(q_block, kv_block)``, as torch's
+            ``BLOCK_SIZE``.
         device: defaults to the mask's device, else torch's current accelerator, else CPU.
         compile: evaluate the mask with ``torch.compile(create_block_mask)`` (built once per
             process; seconds for the first call of each shape, then milliseconds). False runs
@@ -99,7 +100,7 @@ def block_mask(
     kv_len = check_lengths(q_len, kv_len)
     bsz = resolve_batch(m, batch, default=None)
     heads = check_count(heads, "heads")
-    block_size = check_block_size(block_size)
+    block_size = check_block_sizes(block_size)
     dev = resolve_device(m, device)
     if method not in METHODS:
         raise ValueError(f"block_mask(method=...) must be one of {METHODS}, got {method!r}.")
@@ -119,7 +120,7 @@ def block_mask(
     tiled = method == "tiles" or (method == "auto" and not m.uses_heads)
     # Shorter than a block, the eager build is cheap (at most block_size x kv_len) and torch
     # 2.13's CPU inductor miscompiles the compiled builder there (a C++ type error).
-    compiled = not tiled and compile and min(q_len, kv_len) >= block_size
+    compiled = not tiled and compile and q_len >= block_size[0] and kv_len >= block_size[1]
     _check_build_memory(q_len, kv_len, bsz, heads, block_size, dev, tiled, compiled)
     if not tiled:  # a plain callable: its first element says whether it can be built at all
         evaluate_tiles(bound, *(torch.zeros(1, dtype=torch.long, device=dev),) * 4, 1, 1, 1, 1)
@@ -153,24 +154,30 @@ def _check_build_memory(
     kv_len: int,
     batch: int | None,
     heads: int | None,
-    block_size: int,
+    block_size: tuple[int, int],
     device: torch.device,
     tiled: bool,
     compiled: bool,
 ) -> None:
     rows = (batch or 1) * (heads or 1)
-    blocks = rows * -(-q_len // block_size) * -(-kv_len // block_size)
+    blocks = rows * -(-q_len // block_size[0]) * -(-kv_len // block_size[1])
     if tiled:
         nbytes = blocks * _BYTES_PER_BLOCK
     else:
         pairs = rows * q_len * kv_len
         nbytes = pairs * (_BYTES_PER_PAIR_COMPILED if compiled else _BYTES_PER_PAIR_EAGER)
-    what = f"block_mask(q_len={q_len}, kv_len={kv_len}) with {blocks} blocks of {block_size}"
+    size = "x".join(map(str, block_size))
+    what = f"block_mask(q_len={q_len}, kv_len={kv_len}) with {blocks} blocks of {size}"
     check_memory(nbytes, what, "use a larger block_size or shorter lengths", device)
 
 
 def block_mask_for(
-    mask: MaskModFn | None, q: Tensor, s_kv: int, *, block_size: int = 128, cache: bool = True
+    mask: MaskModFn | None,
+    q: Tensor,
+    s_kv: int,
+    *,
+    block_size: int | tuple[int, int] = 128,
+    cache: bool = True,
 ) -> BlockMask:
     """The BlockMask of ``mask`` for queries ``q [B, H, S, D]`` and ``s_kv`` keys (cached unless
     ``cache`` is False): one row per batch entry or head only where the mask depends on it; None
@@ -190,7 +197,7 @@ def _tiled_block_mask(
     heads: int | None,
     q_len: int,
     kv_len: int,
-    block_size: int,
+    block_size: tuple[int, int],
     device: torch.device,
 ) -> BlockMask:
     """The BlockMask ``create_block_mask`` would build: blocks classified by the mask's tile
@@ -200,11 +207,11 @@ def _tiled_block_mask(
         if mask.exact_bounds:
             tiles = Tiles(b, block_size, q_len, kv_len, device)
             all_true, any_true = mask.tile_bounds(tiles)
-            full = all_true & (tiles.area() == block_size * block_size)
+            full = all_true & (tiles.area() == block_size[0] * block_size[1])
             partial = any_true & ~full
         else:
             counts = tile_counts(mask, q_len, kv_len, block_size, b=b, device=device)
-            full = counts == block_size * block_size  # a cut tail block is never full
+            full = counts == block_size[0] * block_size[1]  # a cut tail block is never full
             partial = (counts > 0) & ~full
         fulls.append(full)
         partials.append(partial)

@@ -101,7 +101,8 @@ def cpu_sparse_or_dense(call: Call, forms: MaskForms) -> Backend | None:
     than dense SDPA up to a density of 0.79, slower on near-full masks (BENCHMARKS.md)."""
     if not call.on_cpu:
         return None
-    if call.q.shape[2] <= forms.block_size and call.s_kv <= forms.block_size:
+    q_block, kv_block = forms.block_sizes
+    if call.q.shape[2] <= q_block and call.s_kv <= kv_block:
         return "sdpa"  # one block: nothing to skip, and planning would cost more than SDPA
     cost = plan(forms.block_mask(call.q, call.s_kv)).cost  # both built once, reused by sparse
     return "sparse" if cost <= call.max_density else "sdpa"

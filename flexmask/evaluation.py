@@ -85,39 +85,40 @@ def tile_counts(
     mask: MaskModFn,
     q_len: int,
     kv_len: int,
-    size: int,
+    size: int | tuple[int, int],
     *,
     b: int = 0,
     h: int = 0,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Allowed pairs in each ``size x size`` tile of batch row ``b``, head ``h``: ``LongTensor[NQ,
-    NK]`` (edge tiles cut at the lengths).
+    """Allowed pairs in each ``q_size x kv_size`` tile (``size``: an int, or the pair) of batch
+    row ``b``, head ``h``: ``LongTensor[NQ, NK]`` (edge tiles cut at the lengths).
 
     Tiles the mask's structure decides (``MaskMod.tile_bounds``: all allowed, none allowed) cost
     nothing; only undecided tiles are evaluated, a few million elements at a time, so a long
     sparse mask never materialises ``q_len x kv_len``.
     """
+    q_size, kv_size = (size, size) if isinstance(size, int) else size
     m = as_mask(mask)
     dev = resolve_device(m, device)
     m = placed(m, dev).bind(q_len, kv_len)
-    nkv = -(-kv_len // size)
-    nq = -(-q_len // size)
-    check_memory(nq * nkv * 8, f"counting a {q_len} x {kv_len} mask in {size} x {size} tiles",
+    nkv = -(-kv_len // kv_size)
+    nq = -(-q_len // q_size)
+    check_memory(nq * nkv * 8, f"counting a {q_len} x {kv_len} mask in {q_size} x {kv_size} tiles",
                  "use shorter lengths, or larger tiles (block_size)", dev)  # fmt: skip
-    band = size * max(1, 2**18 // nkv)  # a few hundred thousand tiles at a time
+    band = q_size * max(1, 2**18 // nkv)  # a few hundred thousand tiles at a time
     rows = []
     for q_from in range(0, q_len, band):
-        tiles = Tiles(b, size, q_len, kv_len, dev, q_from, q_from + band)
+        tiles = Tiles(b, (q_size, kv_size), q_len, kv_len, dev, q_from, q_from + band)
         all_true, any_true = m.tile_bounds(tiles)
         counts = torch.where(all_true, tiles.area(), 0)
         qi, ki = (any_true & ~all_true).nonzero(as_tuple=True)
-        step = max(1, 2**21 // (size * size))
+        step = max(1, 2**21 // (q_size * kv_size))
         for i in range(0, qi.numel(), step):
             q, k = qi[i : i + step], ki[i : i + step]
             bh = torch.full_like(q, b), torch.full_like(q, h)
-            starts = q * size + q_from, k * size
-            values = evaluate_tiles(m, *bh, *starts, size, size, q_len, kv_len)
+            starts = q * q_size + q_from, k * kv_size
+            values = evaluate_tiles(m, *bh, *starts, q_size, kv_size, q_len, kv_len)
             counts[q, k] = values.sum((1, 2))
         rows.append(counts)
     return torch.cat(rows)

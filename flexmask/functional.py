@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_block_mask_shape, check_block_size, check_kernel_options
+from ._checks import check_block_mask_shape, check_block_sizes, check_kernel_options
 from .dispatch import FLEX_DTYPES_CPU
 from .masks import MaskModFn, as_mask
 from .runners import MaskForms, Options, ScoreModFn, flex
@@ -25,7 +25,7 @@ def flex_attend(
     *,
     score_mod: ScoreModFn | None = None,
     scale: float | None = None,
-    block_size: int = 128,
+    block_size: int | tuple[int, int] = 128,
     kernel_options: dict[str, Any] | None = None,
 ) -> Tensor:
     """Compiled ``flex_attention`` with a flexmask mask: its BlockMask built from the mask's
@@ -44,7 +44,8 @@ def flex_attend(
             BlockMask for ``(S, S_kv)``, or None (every key visible).
         score_mod: ``(score, b, h, q_idx, kv_idx) -> score``, applied in the kernel.
         scale: score scale, default ``1 / sqrt(D)``.
-        block_size: BlockMask tile size for a mask that is not a BlockMask.
+        block_size: BlockMask tile size for a mask that is not a BlockMask (an int, or
+            ``(q_block, kv_block)``).
         kernel_options: flex's own (``FlexKernelOptions``), passed through; a forward tile
             given here replaces flexmask's.
 
@@ -61,7 +62,7 @@ def flex_attend(
     """
     who = "flex_attend"
     check_qkv(q, k, v, who)
-    block_size = check_block_size(block_size)
+    block_size = check_block_sizes(block_size)
     options = check_kernel_options(kernel_options, f"{who}(kernel_options=...)")
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"{who}(score_mod=...) must be a callable (score, b, h, q_idx, kv_idx) "

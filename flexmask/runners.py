@@ -67,11 +67,12 @@ class MaskForms:
         *,
         block: BlockMask | None = None,
         dense: DenseMask | None = None,
-        block_size: int = 128,
+        block_size: int | tuple[int, int] = 128,
         keep: bool = True,
     ) -> None:
         self.mask, self._block, self._dense = mask, block, dense
-        self.block_size, self.keep = block_size, keep
+        self.block_size = (block_size, block_size) if isinstance(block_size, int) else block_size
+        self.keep = keep
 
     @property
     def none(self) -> bool:
@@ -93,9 +94,7 @@ class MaskForms:
     @property
     def block_sizes(self) -> tuple[int, int]:
         """The BlockMask's (query, key) block sizes, built or not."""
-        if self._block is not None:
-            return self._block.BLOCK_SIZE
-        return self.block_size, self.block_size
+        return self._block.BLOCK_SIZE if self._block is not None else self.block_size
 
     def prepare(self, backend: str, q: Tensor, s_kv: int) -> None:
         """Build now the form ``backend``'s runner takes, so that its errors come before any

@@ -41,7 +41,7 @@ def sparse_attention(
     v: Tensor,
     mask: MaskModFn | BlockMask | None = None,
     *,
-    block_size: int = 128,
+    block_size: int | tuple[int, int] = 128,
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> Tensor:

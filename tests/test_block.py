@@ -46,6 +46,45 @@ def test_every_factory_marks_full_and_empty_blocks_exactly(name, block):
         assert torch.equal(kinds, want.expand_as(kinds)), (q, kv)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rectangular_blocks_equal_torchs(name):
+    """block_size=(q_block, kv_block), as torch's BLOCK_SIZE: the same tables as its builder,
+    on and off block multiples, and the dense oracle back."""
+    for q, kv in ((256, 256), (200, 200), (130, 260)):
+        mask, oracle = CASES[name](q, kv)
+        for sizes in ((32, 64), (64, 16)):
+            kw = dict(block_size=sizes, device="cpu", cache=False)
+            ours = fm.block_mask(mask, q, kv, method="tiles", **kw)
+            theirs = fm.block_mask(mask, q, kv, method="create_block_mask", compile=False, **kw)
+            assert sizes == ours.BLOCK_SIZE
+            ref.assert_same_block_tables(ours, theirs)
+            dense = fm.block_mask_to_dense(ours)[:, 0]
+            assert torch.equal(dense, oracle.expand_as(dense)), (q, kv, sizes)
+
+
+def test_rectangular_blocks_in_the_module_and_sparse_attention():
+    """The module's sparse path and sparse_attention on (q_block, kv_block) blocks against the
+    float64 golden, forward and backward."""
+    mask = fm.causal() & fm.padding([200, 77]) | fm.chunked(40)
+    oracle = ref.causal(200, 200) & ref.padding(200, 200, [200, 77]) | ref.chunked(200, 200, 40)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 200, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    out = fm.sparse_attention(q, k, v, mask, block_size=(32, 64))
+    want = ref.attention(q, k, v, oracle[:, None])
+    torch.testing.assert_close(out, want)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected)
+    attn = fm.MultiheadFlexAttention(32, 4, backend="sparse", block_size=(64, 32))
+    assert attn.block_size == (64, 32)
+    x = torch.randn(2, 200, 32)
+    square = fm.MultiheadFlexAttention(32, 4, backend="sdpa")
+    square.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(attn(x, mask=mask), square(x, mask=mask), rtol=1e-5, atol=1e-6)
+
+
 @given(problems(), st.sampled_from([None, 3]))
 def test_tiles_build_the_same_block_mask_as_torch(problem, heads):
     mask, _, q, kv, block = problem

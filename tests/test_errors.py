@@ -161,7 +161,17 @@ BAD_BUILDS = [
     (
         lambda: bm(fm.causal(), 64, block_size=64.0),
         TypeError,
-        r"block_size=... must be an int, got float",
+        r"block_size=... must be an int or a pair \(q_block, kv_block\), got float",
+    ),
+    (
+        lambda: bm(fm.causal(), 64, block_size=[64, 64]),
+        TypeError,
+        r"block_size=... must be an int or a pair \(q_block, kv_block\), got list",
+    ),
+    (
+        lambda: bm(fm.causal(), 64, block_size=(64, 40)),
+        ValueError,
+        r"block_size=... must be a positive multiple of 16 \(e.g. 64 or 128\), got 40",
     ),
     (
         lambda: bm(fm.causal(), 0),

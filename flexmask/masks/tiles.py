@@ -11,28 +11,31 @@ __all__ = ["Tiles"]
 
 
 class Tiles:
-    """A grid of ``size x size`` tiles over ``q_len x kv_len`` for batch row ``b`` (the last row
-    and column of tiles are cut at the lengths), or the band of it with queries in
-    ``[q_from, q_to)`` (``q_from`` a multiple of ``size``). ``q0``/``q1`` (``[NQ, 1]``) and
-    ``k0``/``k1`` (``[1, NK]``) are each tile's first and last position, inclusive."""
+    """A grid of ``q_size x k_size`` tiles over ``q_len x kv_len`` for batch row ``b`` (the last
+    row and column of tiles are cut at the lengths), or the band of it with queries in
+    ``[q_from, q_to)`` (``q_from`` a multiple of ``q_size``). ``size`` is an int for square tiles
+    or ``(q_size, k_size)``. ``q0``/``q1`` (``[NQ, 1]``) and ``k0``/``k1`` (``[1, NK]``) are each
+    tile's first and last position, inclusive."""
 
     def __init__(
         self,
         b: int,
-        size: int,
+        size: int | tuple[int, int],
         q_len: int,
         kv_len: int,
         device: torch.device | None = None,
         q_from: int = 0,
         q_to: int | None = None,
     ) -> None:
-        self.b, self.size, self.q_len, self.kv_len = b, size, q_len, kv_len
+        q_size, k_size = (size, size) if isinstance(size, int) else size
+        self.b, self.q_size, self.k_size = b, q_size, k_size
+        self.q_len, self.kv_len = q_len, kv_len
         self.q_from, self.q_to = q_from, min(q_len, q_to or q_len)
         self.k_from = 0
-        q0 = torch.arange(q_from, self.q_to, size, device=device)
-        k0 = torch.arange(0, kv_len, size, device=device)
-        self.q0, self.q1 = q0[:, None], (q0 + size).clamp(max=q_len)[:, None] - 1
-        self.k0, self.k1 = k0[None, :], (k0 + size).clamp(max=kv_len)[None, :] - 1
+        q0 = torch.arange(q_from, self.q_to, q_size, device=device)
+        k0 = torch.arange(0, kv_len, k_size, device=device)
+        self.q0, self.q1 = q0[:, None], (q0 + q_size).clamp(max=q_len)[:, None] - 1
+        self.k0, self.k1 = k0[None, :], (k0 + k_size).clamp(max=kv_len)[None, :] - 1
 
     def clipped(self, lo: int, hi: int) -> Tiles:
         """The tiles cut to positions ``[lo, hi)`` for queries and keys; empty tiles get a first
@@ -57,7 +60,8 @@ class Tiles:
     def span(self, values: Tensor, axis: int) -> tuple[Tensor, Tensor]:
         """Per-tile min and max of a per-position tensor along queries (0) or keys (1)."""
         v = values[self.q_from : self.q_to] if axis == 0 else values[self.k_from : self.kv_len]
-        pad = (-v.shape[0]) % self.size  # repeat the last value: it changes neither min nor max
-        v = torch.cat([v, v[-1:].expand(pad)]).view(-1, self.size)
+        size = self.q_size if axis == 0 else self.k_size
+        pad = (-v.shape[0]) % size  # repeat the last value: it changes neither min nor max
+        v = torch.cat([v, v[-1:].expand(pad)]).view(-1, size)
         lo, hi = v.amin(1), v.amax(1)
         return (lo[:, None], hi[:, None]) if axis == 0 else (lo[None, :], hi[None, :])
