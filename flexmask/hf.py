@@ -93,6 +93,17 @@ class HFMask(BlockMask):
     def __init__(self, mask: MaskMod, shape: tuple[int, int, int, int]) -> None:
         self.mask = mask
         self._shape = shape  # (batch, 1, q_len, kv_len)
+        self._forms: dict[tuple[Any, ...], MaskForms] = {}
+
+    def forms(self, query: Tensor, kv_len: int) -> MaskForms:
+        """The layer's ``MaskForms``, one per input shape and device for the whole forward pass:
+        the first layer builds the dense mask or BlockMask, the others reuse it (this object
+        lives one forward pass, and its mask never changes)."""
+        key = (*query.shape[:3], kv_len, query.device)
+        forms = self._forms.get(key)
+        if forms is None:
+            forms = self._forms[key] = MaskForms(self.mask)
+        return forms
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -319,7 +330,7 @@ def _layer_forms(
         mask = f.override if documents is None else f.override & documents
         return MaskForms(_local(mask, q_len, kv_len)), None
     if isinstance(attention_mask, HFMask):
-        return MaskForms(attention_mask.mask), None  # causality and windows are in it
+        return attention_mask.forms(query, kv_len), None  # causality and windows are in it
     if attention_mask is None:
         mask = causal() if f.is_causal else full()
         if f.sliding_window is not None:
