@@ -39,6 +39,7 @@ from .masks import (
     sliding_window,
     tree,
 )
+from .score_mods import ScoreMod, alibi, compose, relative_bias, softcap
 from .sparse import sparse_attention
 from .viz import save_block_mask_png, save_grid_png, save_mask_png, save_scores_png, to_ascii
 
@@ -50,8 +51,10 @@ __all__ = [
     "MaskModFn",
     "MaskStats",
     "MultiheadFlexAttention",
+    "ScoreMod",
     "ScoreModFn",
     "Tree",
+    "alibi",
     "and_masks",
     "as_mask",
     "block_mask",
@@ -61,6 +64,7 @@ __all__ = [
     "check",
     "chunked",
     "clear_cache",
+    "compose",
     "describe",
     "dilated_window",
     "document",
@@ -78,6 +82,7 @@ __all__ = [
     "packed",
     "padding",
     "prefix_lm",
+    "relative_bias",
     "save_block_mask_png",
     "save_grid_png",
     "save_mask_png",
@@ -85,6 +90,7 @@ __all__ = [
     "shifted",
     "sink_tokens",
     "sliding_window",
+    "softcap",
     "sparse_attention",
     "to_additive",
     "to_ascii",

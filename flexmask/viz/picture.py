@@ -10,6 +10,7 @@ every token is one pixel; past that a pixel holds the fraction of allowed pairs 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -170,9 +171,16 @@ def check_index(value: object, n: int, name: str, what: str, shared: bool = Fals
 
 
 def score_weights(
-    q: Tensor, k: Tensor, mask: MaskModFn | BlockMask | None, b: int, h: int, scale: float | None
+    q: Tensor,
+    k: Tensor,
+    mask: MaskModFn | BlockMask | None,
+    b: int,
+    h: int,
+    scale: float | None,
+    score_mod: Callable[..., Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, str]:
-    """Float64 softmax weights ``[Q, KV]`` of (b, h), the allowed pairs, the mask's expression."""
+    """Float64 softmax weights ``[Q, KV]`` of (b, h) after ``score_mod``, the allowed pairs, the
+    mask's expression."""
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -211,5 +219,24 @@ def score_weights(
         allowed, expr = _dense_row(m, q_len, kv_len, b, h), repr(m)
     scores = q[b, h].detach().double().cpu() @ k[b, h // (nh // nhk)].detach().double().cpu().T
     scores = scores * (d**-0.5 if scale is None else float(scale))
+    if score_mod is not None:
+        if not callable(score_mod):
+            raise TypeError(
+                "save_scores_png(score_mod=...) must be a callable (score, b, h, q_idx, kv_idx) "
+                f"-> score, got {type(score_mod).__name__}."
+            )
+        scores = _modified(scores, score_mod, b, h)
+        expr = f"{expr}, {score_mod!r}" if expr else repr(score_mod)
     weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     return weights.nan_to_num(0.0), allowed, expr  # a row that sees nothing: 0/0
+
+
+def _modified(scores: Tensor, score_mod: Callable[..., Tensor], b: int, h: int) -> Tensor:
+    """``score_mod`` on every score of one (b, h) ``[Q, KV]``, vmapped as flex evaluates it."""
+    from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+
+    fn = torch.vmap(score_mod, in_dims=(0, None, None, None, 0))
+    fn = torch.vmap(fn, in_dims=(0, None, None, 0, None))
+    q_idx, kv_idx = torch.arange(scores.shape[0]), torch.arange(scores.shape[1])
+    with TransformGetItemToIndex():
+        return fn(scores, torch.tensor(b), torch.tensor(h), q_idx, kv_idx).double()

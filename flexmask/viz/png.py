@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,8 +176,10 @@ def save_scores_png(
     head: int = 0,
     scale: float | None = None,
     title: str | None = None,
+    score_mod: Callable[..., Tensor] | None = None,
 ) -> Path:
-    """Draw the attention weights ``softmax(q kᵀ · scale)`` of one (batch, head) under ``mask``.
+    """Draw the attention weights ``softmax(q kᵀ · scale)`` of one (batch, head) under ``mask``,
+    after ``score_mod`` where one is given (``flexmask.alibi(H)``, ``softcap``, ...).
 
     Masked pairs are drawn as masked (grey), not as zero weights; a query row that sees no key
     is grey throughout (attention returns zeros there). Computed in float64.
@@ -192,7 +194,9 @@ def save_scores_png(
         mask: a flexmask mask, a mask_mod callable or a BlockMask; None shows every pair.
         batch, head: which batch row and query head to draw.
         scale: defaults to ``1 / sqrt(D)``.
-        title: defaults to the mask's expression.
+        title: defaults to the mask's expression (and the score_mod's).
+        score_mod: ``(score, b, h, q_idx, kv_idx) -> score`` applied to the scaled scores, as
+            the module applies it.
 
     Example:
         >>> import tempfile, torch, flexmask as fm
@@ -202,7 +206,7 @@ def save_scores_png(
         's.png'
     """
     target = _check_path(path, "save_scores_png")
-    weights, allowed, expr = score_weights(q, k, mask, batch, head, scale)
+    weights, allowed, expr = score_weights(q, k, mask, batch, head, scale, score_mod)
     import numpy as np
 
     fig = _figure((6.4, 6.4))
