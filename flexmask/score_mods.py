@@ -68,7 +68,7 @@ def alibi(num_heads: int) -> ScoreMod:
         >>> import torch, flexmask as fm
         >>> mod = fm.alibi(4)
         >>> float(mod(torch.tensor(0.0), 0, torch.tensor(0), torch.tensor(3), torch.tensor(1)))
-        -0.25
+        -0.5
     """
     return _Alibi(check_int(num_heads, "alibi(num_heads=...)"))
 

@@ -120,8 +120,8 @@ def test_shifted_repr_equality_and_errors():
     )
     with pytest.raises(ValueError, match=r"shifted\(q_offset=...\) needs a value >= 0, got -1"):
         fm.shifted(fm.causal(), -1)
-    with pytest.raises(ValueError, match=r"needs a 0-D tensor, got shape \(2,\)"):
-        fm.shifted(fm.causal(), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"needs a 0-D or 1-D tensor, got shape \(1, 2\)"):
+        fm.shifted(fm.causal(), torch.tensor([[1, 2]]))  # [B] is one offset per row: allowed
     with pytest.raises(TypeError, match=r"shifted\(q_offset=...\) needs an integer tensor"):
         fm.shifted(fm.causal(), 1.5)
 
