@@ -53,14 +53,15 @@ def evaluate_tiles(
     # create_mask does the same). Masks are built outside inference mode: the result may be
     # cached and must serve training too.
     try:
-        with TransformGetItemToIndex(), torch.inference_mode(False), torch.no_grad():
-            if isinstance(mask, MaskMod) and mask.sealed:
-                # flexmask's own masks are broadcasting tensor operations: one call on [N, Q, K]
-                # indices, where vmap's dispatch costs milliseconds (a decode step's BlockMask).
-                q = (q_start[:, None] + q_off).clamp(max=q_len - 1)[:, :, None]
-                kv = (kv_start[:, None] + kv_off).clamp(max=kv_len - 1)[:, None, :]
+        if isinstance(mask, MaskMod) and mask.sealed:
+            # flexmask's own masks are broadcasting tensor operations: one call on [N, Q, K]
+            # indices, where vmap's dispatch costs milliseconds (a decode step's BlockMask).
+            q = (q_start[:, None] + q_off).clamp(max=q_len - 1)[:, :, None]
+            kv = (kv_start[:, None] + kv_off).clamp(max=kv_len - 1)[:, None, :]
+            with torch.inference_mode(False), torch.no_grad():
                 out = mask(b[:, None, None], h[:, None, None], q, kv)
-            else:
+        else:
+            with TransformGetItemToIndex(), torch.inference_mode(False), torch.no_grad():
                 out = torch.vmap(tile)(b, h, q_start, kv_start)
     except Exception as err:
         if isinstance(mask, MaskMod) and mask.sealed:
