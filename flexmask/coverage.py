@@ -138,9 +138,10 @@ def _zeroed(x: Tensor, flags: Tensor) -> Tensor:
     flags = flags.expand(x.shape[0], x.shape[1], -1)
     if x.device.type != "cpu":  # no host sync on accelerators: one pass at memory bandwidth
         return x.masked_fill(flags[..., None], 0.0)
-    if x.numel() <= 1 << 16 and math.isfinite(float(x.detach().sum())):
-        # Small (a decode step): one pass costs less than finding the flagged rows. A NaN or an
-        # infinity makes the sum NaN or infinite; a finite sum means every value is finite.
+    # One read of x costs less than finding and gathering the flagged rows (nonzero alone cost
+    # more than the sum in a decode step over a 1k-slot cache). A NaN or an infinity makes the
+    # sum NaN or infinite; a finite sum means every value is finite.
+    if math.isfinite(float(x.detach().sum())):
         return x
     index = flags.nonzero(as_tuple=True)
     if not index[0].numel() or bool(x[index].isfinite().all()):

@@ -185,6 +185,31 @@ def _padded_inputs(nan):
     return q, k, v
 
 
+@pytest.mark.parametrize("where", ["keys", "values", "queries", "nowhere"])
+def test_nan_in_hidden_positions_stays_out_of_inference_too(where):
+    """Without autograd, masked_sdpa on CPU zeroes nothing up front: it checks its output and
+    recomputes with the hidden positions zeroed only when NaN got through. Both paths give the
+    clean inputs' result, exactly."""
+    mask = fm.causal() & fm.padding([S, 7])
+    oracle = (ref.causal(S, S) & ref.padding(S, S, [S, 7]))[:, None]
+    with torch.no_grad():
+        clean = [t.detach() for t in _padded_inputs(False)]
+        poisoned = [t.clone() for t in clean]
+        index = {"queries": 0, "keys": 1, "values": 2}.get(where)
+        if index is not None:
+            poisoned[index][1, :, 7:] = float("nan")
+        got = masked_sdpa(*poisoned, oracle)
+        want = masked_sdpa(*clean, oracle)
+        module = fm.MultiheadFlexAttention(32, 4, backend="sdpa")
+        x = torch.randn(2, S, 32)
+        x_nan = x.clone()
+        x_nan[1, 7:] = float("nan")
+        module_out = module(x_nan, mask=mask)
+    assert bool(got.isfinite().all()) and torch.equal(got, want)
+    assert bool(module_out.isfinite().all())
+    assert torch.equal(module_out[0], module(x, mask=mask)[0].detach())
+
+
 @pytest.mark.parametrize("run", ["sdpa", "sparse"])
 def test_nan_where_the_mask_hides_everything_stays_out(run):
     mask = fm.causal() & fm.padding([S, 7])
