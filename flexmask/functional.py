@@ -55,7 +55,8 @@ def flex_attend(
         ValueError: for shapes that disagree, a BlockMask of another shape, or a backward on
             CPU (FlexAttention has no CPU backward: use ``sparse_attention``).
 
-    Example:
+    Example (not run as a doctest: the first call compiles flex, seconds on a CPU;
+    ``tests/test_functional.py`` runs it against the float64 golden):
         >>> import torch, flexmask as fm
         >>> q = k = v = torch.randn(1, 2, 256, 16)
         >>> out = fm.flex_attend(q, k, v, fm.causal() & fm.padding([200]))  # doctest: +SKIP
