@@ -95,3 +95,26 @@ def test_flex_attend_refuses_what_it_cannot_do(captured, call, error, message):
     with pytest.raises(error, match=message):
         call(*qkv())
     assert not captured  # refused before any kernel ran
+
+
+FLEX_CASES = ["global_tokens_2d", "packed_rows", "from_cu_seqlens_causal", "dilated_window_16_2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*FLEX_CASES, "neighborhood_2d"])
+def test_the_peers_masks_run_in_compiled_flex(name):
+    """FlexAttention lowers a mask_mod into its kernel, where a reduction cannot go:
+    global_tokens' comparison with every index failed to compile until binding turned it into a
+    per-position lookup. Each mask against the float64 golden through compiled flex."""
+    from tests.test_masks import CASES
+
+    if name == "neighborhood_2d":
+        mask, oracle = fm.neighborhood_2d(16, 16, 5), ref.neighborhood_2d(16, 16, 5)
+    else:
+        mask, oracle = CASES[name](256, 256)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, 2, 256, 8, generator=gen) for _ in range(3))
+    with torch.no_grad():
+        out = fm.flex_attend(q, k, v, mask, block_size=64)
+    want = ref.attention(q.double(), k.double(), v.double(), oracle[:, None])
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)

@@ -169,10 +169,34 @@ def key_padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod
 @declared
 class _GlobalTokens(Leaf):
     indices: Tensor  # [N] or [B, N] positions, -1 for none
+    flags: Tensor | None = None  # bool [L] or [B, L]: whether each position is global; by bind()
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        idx = self.indices if self.indices.dim() == 1 else self.indices[b]
-        return (idx == q_idx[..., None]).any(-1) | (idx == kv_idx[..., None]).any(-1)
+        if self.flags is None:  # unbound: compare with every index (a reduction)
+            idx = self.indices if self.indices.dim() == 1 else self.indices[b]
+            return (idx == q_idx[..., None]).any(-1) | (idx == kv_idx[..., None]).any(-1)
+        # Bound: one lookup per position, pointwise, as FlexAttention's kernels need (they
+        # cannot lower the reduction above).
+        flags, n = self.flags, self.flags.shape[-1]
+
+        def is_global(i: Tensor) -> Tensor:
+            at = i.clamp(max=n - 1)
+            return (flags[at] if flags.dim() == 1 else flags[b, at]) & (i < n)
+
+        return is_global(q_idx) | is_global(kv_idx)
+
+    def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
+        n = max(q_len, kv_len)
+        if self.flags is not None and self.flags.shape[-1] == n:
+            return self
+        idx = self.indices
+        rows = idx.reshape(-1, idx.shape[-1]) if idx.numel() else idx.reshape(1, 0)
+        with torch.inference_mode(False):  # kept in BlockMasks that may serve training
+            flags = torch.zeros(rows.shape[0], n + 1, dtype=torch.bool, device=idx.device)
+            # -1 and positions past the sequence land in the extra last column, dropped after
+            flags.scatter_(1, torch.where((rows >= 0) & (rows < n), rows, n), True)
+            flags = flags[:, :n] if idx.dim() == 2 else flags[0, :n]
+        return _GlobalTokens(self.indices, flags)
 
     def _expr(self) -> str:
         return f"global_tokens({fmt_tensor(self.indices)})"
