@@ -32,9 +32,7 @@ class _Neighborhood2D(Leaf):
         d, half = self.dilation, self.kernel // 2
         group = q % d
         group_size = (size - group + d - 1) // d
-        center = torch.minimum(
-            torch.maximum(q // d, torch.full_like(q, half)), group_size - 1 - half
-        )
+        center = torch.minimum((q // d).clamp(min=half), group_size - 1 - half)
         k = kv // d
         # Comparisons, no integer abs (attention-gym notes a Hopper miscompile of it).
         return (kv % d == group) & (k >= center - half) & (k <= center + half)
