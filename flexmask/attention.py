@@ -134,13 +134,14 @@ class MultiheadFlexAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        context: Tensor | None = None,
+        context: Tensor | MaskModFn | BlockMask | None = None,
         *,
         mask: MaskModFn | BlockMask | None = None,
         cache: KVCache | None = None,
         lengths: Tensor | None = None,
         padding_side: str = "right",
-    ) -> Tensor:
+        return_qk: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """Attend ``x`` to itself, or to ``context`` (cross-attention), under ``mask``.
 
         Shapes:
@@ -148,7 +149,9 @@ class MultiheadFlexAttention(nn.Module):
 
         Args:
             x: queries (and keys/values for self-attention).
-            context: keys/values for cross-attention.
+            context: keys/values for cross-attention (a tensor). A mask or BlockMask in this
+                place is taken as the mask (``attn(x, block_mask)``, as the FlexAttention blog
+                writes it): a context is always a tensor, so the two cannot be confused.
             mask: a flexmask mask or mask_mod callable (the module builds its BlockMask or
                 dense mask for this shape and device, cached while the mask cannot have
                 changed; a plain callable is evaluated afresh on every call), a ready
@@ -164,15 +167,39 @@ class MultiheadFlexAttention(nn.Module):
                 count (pads never enter it) and padded queries get zeros.
             padding_side: where this call's pads are with ``lengths``: ``"right"`` (after the
                 tokens) or ``"left"`` (before them, as tokenizers pad for generation).
+            return_qk: also return the queries and keys (``[B, H, S, D]`` and ``[B, H_kv,
+                S_kv, D]``) as the scores see them, to draw them (``save_scores_png``).
+
+        Returns:
+            The output ``[B, S, E]``; with ``return_qk``, ``(output, q, k)``.
 
         Raises:
             TypeError, ValueError: for bad input (shapes, dtypes, devices, a mask for another
-                batch, a cache that does not fit), before the cache is touched.
+                batch, a cache that does not fit, a mask given twice), before the cache is
+                touched.
         """
+        if context is not None and not isinstance(context, Tensor):
+            if mask is not None:
+                raise TypeError(
+                    f"forward(x, {type(context).__name__}, mask=...) gives two masks: a mask in "
+                    "the context's place is taken as the mask; pass one of them."
+                )
+            if not (isinstance(context, BlockMask) or callable(context)):
+                raise TypeError(
+                    "forward(context=...) must be a tensor [B, S_kv, E] (or, in its place, a "
+                    f"mask or BlockMask), got {type(context).__name__}."
+                )
+            mask, context = context, None
+        if return_qk and cache is not None:
+            raise ValueError(
+                "forward(return_qk=True) with a cache is not supported: the scores there see the "
+                "cached keys too; call project(x) and read cache.k for them."
+            )
         q, k, v = self.project(x, context)
         out = self._attend(q, k, v, mask, cache, lengths, padding_side, context is not None)
         bsz, s_q, _ = x.shape
-        return self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.embed_dim))
+        out = self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.embed_dim))
+        return (out, q, k) if return_qk else out
 
     @torch.compiler.disable
     def _attend(

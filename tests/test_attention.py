@@ -261,3 +261,27 @@ def test_flex_cross_attention_matches_golden():
     with torch.no_grad():
         out = module(x, context, mask=fm.prefix_lm(40))
     assert_close(out, golden(module, x, ref.prefix_lm(S_FLEX, 150, 40)[:, None], context))
+
+
+def test_the_blog_posts_call_a_positional_mask_and_return_qk():
+    """attn(x, block_mask) as the FlexAttention blog writes it: a mask (or BlockMask) in the
+    context's place is the mask; return_qk gives the q and k the scores see."""
+    torch.manual_seed(0)
+    attn = fm.MultiheadFlexAttention(E, H, backend="sdpa")
+    x = torch.randn(2, 12, E)
+    mask = fm.causal() & fm.padding([12, 7])
+    want = attn(x, mask=mask)
+    assert torch.equal(attn(x, mask), want)
+    bm = fm.block_mask(mask, 12, block_size=16, device="cpu")
+    assert torch.equal(attn(x, bm), want)
+    out, q, k = attn(x, mask, return_qk=True)
+    pq, pk, _ = attn.project(x)
+    assert torch.equal(out, want) and torch.equal(q, pq) and torch.equal(k, pk)
+    context = torch.randn(2, 5, E)  # a tensor in that place is still a context
+    assert attn(x, context).shape == (2, 12, E)
+    with pytest.raises(TypeError, match=r"gives two masks"):
+        attn(x, mask, mask=mask)
+    with pytest.raises(TypeError, match=r"must be a tensor \[B, S_kv, E\] .* got list"):
+        attn(x, [1, 2])
+    with pytest.raises(ValueError, match=r"return_qk=True\) with a cache is not supported"):
+        attn(x, mask=fm.causal(), cache=fm.KVCache(2, 16, H, E // H), return_qk=True)
