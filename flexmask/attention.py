@@ -8,7 +8,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from ._checks import check_block_mask_shape, check_block_sizes, check_int, check_kernel_options
+from ._checks import (
+    check_block_mask_shape,
+    check_block_sizes,
+    check_flag,
+    check_int,
+    check_kernel_options,
+)
 from .cache import KVCache
 from .dispatch import BACKENDS, SPARSE_MAX_DENSITY, Backend, Call, choose
 from .masks import MaskMod, MaskModFn, as_mask, full
@@ -20,9 +26,9 @@ __all__ = ["MultiheadFlexAttention", "ScoreModFn"]
 class MultiheadFlexAttention(nn.Module):
     """Multi-head attention (batch first) whose mask is a flexmask expression or a BlockMask.
 
-    Projections are ``q_proj: E -> H*D``, ``k_proj, v_proj: E -> H_kv*D`` and ``out_proj: E -> E``
-    with ``D = embed_dim // num_heads``; grouped-query attention when ``num_kv_heads <
-    num_heads``.
+    Projections are ``q_proj: E -> H*D``, ``k_proj: kdim -> H_kv*D``, ``v_proj: vdim -> H_kv*D``
+    and ``out_proj: H*D -> H*D`` with ``H*D = out_dim`` (default ``embed_dim``); grouped-query
+    attention when ``num_kv_heads < num_heads``.
 
     Backends:
         ``"flex"``: compiled ``flex_attention`` (compiled once per process) on the BlockMask;
@@ -50,10 +56,17 @@ class MultiheadFlexAttention(nn.Module):
     is compiled once per process.
 
     Args:
-        embed_dim: model width ``E``.
-        num_heads: query heads ``H``; must divide ``embed_dim``.
+        embed_dim: width ``E`` of the inputs ``x``.
+        num_heads: query heads ``H``; must divide ``out_dim``.
+        out_dim: the width the heads split and the output's (default ``embed_dim``); the
+            FlexAttention blog's ``d_out``.
+        kdim, vdim: widths of the keys' and values' source in cross-attention (default
+            ``embed_dim``, as ``nn.MultiheadAttention``); with ``vdim != kdim`` the context is a
+            pair ``(keys_source, values_source)``.
         num_kv_heads: key/value heads (default ``num_heads``); must divide ``num_heads``.
         bias: add biases to the projections.
+        out_bias: give ``out_proj`` a bias (default: ``bias``); the blog's module is
+            ``MultiheadFlexAttention(d_in, n_heads, out_dim=d_out, bias=False, out_bias=True)``.
         dropout: attention-probability dropout while training.
         score_mod: optional ``(score, b, h, q_idx, kv_idx) -> score`` (ALiBi, soft-capping, ...).
         block_size: BlockMask tile size for masks the module builds itself: an int, or
@@ -77,8 +90,12 @@ class MultiheadFlexAttention(nn.Module):
         embed_dim: int,
         num_heads: int,
         *,
+        out_dim: int | None = None,
+        kdim: int | None = None,
+        vdim: int | None = None,
         num_kv_heads: int | None = None,
         bias: bool = True,
+        out_bias: bool | None = None,
         dropout: float = 0.0,
         score_mod: ScoreModFn | None = None,
         block_size: int | tuple[int, int] = 128,
@@ -90,12 +107,18 @@ class MultiheadFlexAttention(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _check_config(embed_dim, num_heads, num_kv_heads, dropout, backend, score_mod,
-                      sparse_max_density)  # fmt: skip
-        self.embed_dim = embed_dim
+        out_dim = embed_dim if out_dim is None else out_dim
+        kdim = embed_dim if kdim is None else kdim
+        vdim = embed_dim if vdim is None else vdim
+        _check_config(embed_dim, out_dim, kdim, vdim, num_heads, num_kv_heads, dropout, backend,
+                      score_mod, sparse_max_density)  # fmt: skip
+        out_bias = bias if out_bias is None else out_bias
+        for name, flag in (("bias", bias), ("out_bias", out_bias)):
+            check_flag(flag, f"MultiheadFlexAttention({name}=...)")
+        self.embed_dim, self.out_dim, self.kdim, self.vdim = embed_dim, out_dim, kdim, vdim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = out_dim // num_heads
         self.dropout = dropout
         self.score_mod = score_mod
         self.block_size = check_block_sizes(block_size)
@@ -104,32 +127,72 @@ class MultiheadFlexAttention(nn.Module):
         self.kernel_options = check_kernel_options(
             kernel_options, "MultiheadFlexAttention(kernel_options=...)"
         )
-        kw: dict[str, Any] = {"device": device, "dtype": dtype, "bias": bias}
-        self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, **kw)
-        self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
-        self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, **kw)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, **kw)
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(embed_dim, out_dim, bias=bias, **kw)
+        self.k_proj = nn.Linear(kdim, num_kv_heads * self.head_dim, bias=bias, **kw)
+        self.v_proj = nn.Linear(vdim, num_kv_heads * self.head_dim, bias=bias, **kw)
+        self.out_proj = nn.Linear(out_dim, out_dim, bias=out_bias, **kw)
 
     def extra_repr(self) -> str:
         kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{kv}, "
+        widths = "".join(f", {n}={w}" for n, w in (("out_dim", self.out_dim), ("kdim", self.kdim),
+                         ("vdim", self.vdim)) if w != self.embed_dim)  # fmt: skip
+        return (f"embed_dim={self.embed_dim}{widths}, num_heads={self.num_heads}{kv}, "
                 f"backend={self.backend!r}")  # fmt: skip
 
-    def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries from ``x``, keys and values from ``context`` (default ``x``).
+    def project(
+        self, x: Tensor, context: Tensor | tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries from ``x``, keys and values from ``context`` (default ``x``; a pair gives the
+        keys' and the values' sources apart).
 
         Shapes:
-            x: ``[B, S, E]``, context: ``[B, S_kv, E]`` ->
-            q: ``[B, H, S, D]``, k and v: ``[B, H_kv, S_kv, D]``.
+            x: ``[B, S, E]``, context: ``[B, S_kv, kdim]`` (or ``[B, S_kv, kdim]`` and
+            ``[B, S_kv, vdim]``) -> q: ``[B, H, S, D]``, k and v: ``[B, H_kv, S_kv, D]``.
         """
-        _check_input(x, context, self.embed_dim, self.q_proj.weight)
-        src = x if context is None else context
+        k_src, v_src = self._sources(x, context)
         bsz, s_q, _ = x.shape
-        s_kv = src.shape[1]
+        s_kv = k_src.shape[1]
         q = self.q_proj(x).view(bsz, s_q, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(src).view(bsz, s_kv, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(src).view(bsz, s_kv, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(k_src).view(bsz, s_kv, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(v_src).view(bsz, s_kv, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
+
+    def _sources(
+        self, x: Tensor, context: Tensor | tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, Tensor]:
+        """The keys' and the values' sources, checked against the module's widths."""
+        weight = self.q_proj.weight
+        _check_input(x, "x", self.embed_dim, weight, x)
+        if context is None:
+            if (self.kdim, self.vdim) != (self.embed_dim, self.embed_dim):
+                raise ValueError(
+                    f"self-attention projects x ({self.embed_dim} wide) to keys and values, but "
+                    f"this module has kdim={self.kdim}, vdim={self.vdim}: give a context."
+                )
+            return x, x
+        if isinstance(context, tuple):
+            if len(context) != 2:
+                raise ValueError(
+                    f"forward(context=...) as a tuple must be (keys_source, values_source), got "
+                    f"{len(context)} items."
+                )
+            k_src, v_src = context
+        elif self.kdim != self.vdim:
+            raise ValueError(
+                f"this module's keys and values come from sources of different widths (kdim="
+                f"{self.kdim}, vdim={self.vdim}): pass context=(keys_source, values_source)."
+            )
+        else:
+            k_src = v_src = context
+        _check_input(k_src, "context", self.kdim, weight, x)
+        _check_input(v_src, "context", self.vdim, weight, x)
+        if k_src.shape[1] != v_src.shape[1]:
+            raise ValueError(
+                f"forward(context=...): the keys' source has {k_src.shape[1]} tokens and the "
+                f"values' {v_src.shape[1]}; give one value per key."
+            )
+        return k_src, v_src
 
     def forward(
         self,
@@ -178,7 +241,7 @@ class MultiheadFlexAttention(nn.Module):
                 batch, a cache that does not fit, a mask given twice), before the cache is
                 touched.
         """
-        if context is not None and not isinstance(context, Tensor):
+        if context is not None and not isinstance(context, (Tensor, tuple)):
             if mask is not None:
                 raise TypeError(
                     f"forward(x, {type(context).__name__}, mask=...) gives two masks: a mask in "
@@ -198,7 +261,7 @@ class MultiheadFlexAttention(nn.Module):
         q, k, v = self.project(x, context)
         out = self._attend(q, k, v, mask, cache, lengths, padding_side, context is not None)
         bsz, s_q, _ = x.shape
-        out = self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.embed_dim))
+        out = self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.out_dim))
         return (out, q, k) if return_qk else out
 
     @torch.compiler.disable
@@ -275,8 +338,8 @@ class MultiheadFlexAttention(nn.Module):
         """The backend ``forward(x, context, mask=mask)`` runs now (without a cache): ``"flex"``,
         ``"sparse"`` or ``"sdpa"`` (what ``backend=`` takes). Depends on autograd being on and
         on ``train()``/``eval()``."""
-        _check_input(x, context, self.embed_dim, self.q_proj.weight)
-        s_kv = x.shape[1] if context is None else context.shape[1]
+        k_src, _ = self._sources(x, context)
+        s_kv = k_src.shape[1]
         if mask is not None and not isinstance(mask, BlockMask):
             mask = as_mask(mask, name="backend_for(mask=...)")
         q = torch.empty(x.shape[0], self.num_heads, x.shape[1], 0, device=x.device,
@@ -304,18 +367,20 @@ class MultiheadFlexAttention(nn.Module):
 
 
 def _check_config(
-    embed_dim: int, num_heads: int, num_kv_heads: int, dropout: float, backend: str,
-    score_mod: object, density: float,
+    embed_dim: int, out_dim: int, kdim: int, vdim: int, num_heads: int, num_kv_heads: int,
+    dropout: float, backend: str, score_mod: object, density: float,
 ) -> None:  # fmt: skip
     """``MultiheadFlexAttention``'s arguments, checked before anything is built."""
-    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads),
+    for name, value in (("embed_dim", embed_dim), ("out_dim", out_dim), ("kdim", kdim),
+                        ("vdim", vdim), ("num_heads", num_heads),
                         ("num_kv_heads", num_kv_heads)):  # fmt: skip
         check_int(value, f"MultiheadFlexAttention({name}=...)", expected="a positive int")
-    if embed_dim % num_heads:
+    if out_dim % num_heads:
+        what = "out_dim" if out_dim != embed_dim else "embed_dim"
         raise ValueError(
-            f"MultiheadFlexAttention(embed_dim={embed_dim}, num_heads={num_heads}): embed_dim "
+            f"MultiheadFlexAttention({what}={out_dim}, num_heads={num_heads}): {what} "
             f"must be divisible by num_heads to split it into heads; pick num_heads among "
-            f"{[h for h in range(1, min(embed_dim, 64) + 1) if embed_dim % h == 0]}."
+            f"{[h for h in range(1, min(out_dim, 64) + 1) if out_dim % h == 0]}."
         )
     if num_heads % num_kv_heads:
         raise ValueError(
@@ -350,38 +415,36 @@ def _check_config(
         )
 
 
-def _check_input(x: Tensor, context: Tensor | None, embed_dim: int, weight: Tensor) -> None:
-    """``forward``'s ``x`` and ``context`` against the module's width, dtype and device."""
-    for name, t in (("x", x), ("context", context)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"forward({name}=...) must be a tensor [B, S, E], got "
-                            f"{type(t).__name__}.")  # fmt: skip
-        if t.dim() != 3 or t.shape[-1] != embed_dim:
-            raise ValueError(
-                f"forward({name}=...) must have shape [B, S, {embed_dim}] (batch first, "
-                f"embed_dim last), got {tuple(t.shape)}."
-            )
-        if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
-            raise TypeError(
-                f"forward({name}=...) is {t.dtype} but the module's weights are "
-                f"{weight.dtype}; convert one of them, e.g. {name}.to({weight.dtype}) or "
-                f"module.to({t.dtype})."
-            )
-        if t.device != weight.device:
-            raise ValueError(
-                f"forward({name}=...) is on {t.device} but the module's weights are on "
-                f"{weight.device}; move one of them, e.g. {name}.to('{weight.device}')."
-            )
-        if t.shape[0] == 0 or t.shape[1] == 0:
-            raise ValueError(
-                f"forward({name}=...) needs at least one sequence of one token, got shape "
-                f"{tuple(t.shape)}."
-            )
-    if context is not None and context.shape[0] != x.shape[0]:
+def _check_input(t: object, name: str, width: int, weight: Tensor, x: Tensor) -> None:
+    """``forward``'s ``x`` or a context source against its width, the weights' dtype and device,
+    and ``x``'s batch."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"forward({name}=...) must be a tensor [B, S, {width}], got "
+                        f"{type(t).__name__}.")  # fmt: skip
+    if t.dim() != 3 or t.shape[-1] != width:
         raise ValueError(
-            f"forward(context=...) has batch {context.shape[0]} but x has batch "
+            f"forward({name}=...) must have shape [B, S, {width}] (batch first, width last), "
+            f"got {tuple(t.shape)}."
+        )
+    if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+        raise TypeError(
+            f"forward({name}=...) is {t.dtype} but the module's weights are "
+            f"{weight.dtype}; convert one of them, e.g. {name}.to({weight.dtype}) or "
+            f"module.to({t.dtype})."
+        )
+    if t.device != weight.device:
+        raise ValueError(
+            f"forward({name}=...) is on {t.device} but the module's weights are on "
+            f"{weight.device}; move one of them, e.g. {name}.to('{weight.device}')."
+        )
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(
+            f"forward({name}=...) needs at least one sequence of one token, got shape "
+            f"{tuple(t.shape)}."
+        )
+    if t.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"forward(context=...) has batch {t.shape[0]} but x has batch "
             f"{x.shape[0]}; give one context sequence per query sequence."
         )
 

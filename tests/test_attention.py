@@ -285,3 +285,75 @@ def test_the_blog_posts_call_a_positional_mask_and_return_qk():
         attn(x, [1, 2])
     with pytest.raises(ValueError, match=r"return_qk=True\) with a cache is not supported"):
         attn(x, mask=fm.causal(), cache=fm.KVCache(2, 16, H, E // H), return_qk=True)
+
+
+class ArticleModule(torch.nn.Module):
+    """The module of the FlexAttention blog post the project started from, redone here: one
+    fused input projection without bias (d_in -> 3 d_out), heads of d_out / n_heads, an output
+    projection with bias, and (output, queries, keys) returned. Attention in float64 by hand."""
+
+    def __init__(self, d_in, d_out, n_heads):
+        super().__init__()
+        self.n_heads, self.d_out = n_heads, d_out
+        self.in_proj = torch.nn.Linear(d_in, 3 * d_out, bias=False)
+        self.out_proj = torch.nn.Linear(d_out, d_out)
+
+    def forward(self, x, dense):
+        b, s, _ = x.shape
+        q, k, v = self.in_proj(x).view(b, s, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        out = ref.attention(q.double(), k.double(), v.double(), dense).to(x.dtype)
+        return self.out_proj(out.transpose(1, 2).reshape(b, s, self.d_out)), q, k
+
+
+def test_the_articles_module_is_one_constructor_call():
+    """MultiheadFlexAttention(d_in, n_heads, out_dim=d_out, bias=False, out_bias=True) with the
+    article's weights gives its output, queries and keys."""
+    torch.manual_seed(0)
+    d_in, d_out, heads = 24, 32, 4
+    theirs = ArticleModule(d_in, d_out, heads)
+    ours = fm.MultiheadFlexAttention(d_in, heads, out_dim=d_out, bias=False, out_bias=True,
+                                     backend="sdpa")  # fmt: skip
+    assert ours.q_proj.bias is None and ours.out_proj.bias is not None
+    with torch.no_grad():
+        for i, proj in enumerate((ours.q_proj, ours.k_proj, ours.v_proj)):
+            proj.weight.copy_(theirs.in_proj.weight[i * d_out : (i + 1) * d_out])
+        ours.out_proj.load_state_dict(theirs.out_proj.state_dict())
+    x = torch.randn(2, 10, d_in)
+    mask = fm.causal() & fm.padding([10, 6])
+    bm = fm.block_mask(mask, 10, block_size=16, device="cpu")
+    out, q, k = ours(x, bm, return_qk=True)
+    want, want_q, want_k = theirs(x, fm.to_dense(mask, 10))
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(k, want_k)
+    torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1, :6], want[1, :6], rtol=1e-5, atol=1e-6)  # real rows
+    assert out.shape == (2, 10, d_out)
+
+
+def test_kdim_and_vdim_take_contexts_of_other_widths():
+    """As nn.MultiheadAttention: keys from a kdim-wide source, values from a vdim-wide one
+    (a pair); against torch's own module with the same weights."""
+    torch.manual_seed(1)
+    torch_mha = torch.nn.MultiheadAttention(32, 4, kdim=12, vdim=20, batch_first=True)
+    ours = fm.MultiheadFlexAttention(32, 4, kdim=12, vdim=20, backend="sdpa")
+    with torch.no_grad():
+        ours.q_proj.weight.copy_(torch_mha.q_proj_weight)
+        ours.k_proj.weight.copy_(torch_mha.k_proj_weight)
+        ours.v_proj.weight.copy_(torch_mha.v_proj_weight)
+        for i, proj in enumerate((ours.q_proj, ours.k_proj, ours.v_proj)):
+            proj.bias.copy_(torch_mha.in_proj_bias[i * 32 : (i + 1) * 32])
+        ours.out_proj.load_state_dict(torch_mha.out_proj.state_dict())
+    x, keys, values = torch.randn(2, 7, 32), torch.randn(2, 9, 12), torch.randn(2, 9, 20)
+    want, _ = torch_mha(x, keys, values, need_weights=False)
+    torch.testing.assert_close(ours(x, (keys, values)), want, rtol=1e-5, atol=1e-6)
+    assert "kdim=12, vdim=20" in repr(ours)
+    with pytest.raises(ValueError, match=r"pass context=\(keys_source, values_source\)"):
+        ours(x, keys)
+    with pytest.raises(ValueError, match=r"kdim=12, vdim=20: give a context"):
+        ours(x)
+    with pytest.raises(ValueError, match=r"forward\(context=...\) must have shape \[B, S, 20\]"):
+        ours(x, (keys, keys))
+    with pytest.raises(ValueError, match=r"out_dim must be divisible by num_heads"):
+        fm.MultiheadFlexAttention(32, 4, out_dim=30)
+    with pytest.raises(TypeError, match=r"out_bias=...\) must be True or False"):
+        fm.MultiheadFlexAttention(32, 4, out_bias=1)

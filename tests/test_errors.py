@@ -301,14 +301,14 @@ BAD_FORWARDS = [
     (
         lambda: module(torch.randn(10, 32)),
         ValueError,
-        r"forward\(x=...\) must have shape \[B, S, 32\] \(batch first, embed_dim last\), got \(10, 32\)",
+        r"forward\(x=...\) must have shape \[B, S, 32\] \(batch first, width last\), got \(10, 32\)",
     ),
     (
         lambda: module(torch.randn(2, 10, 16)),
         ValueError,
         r"forward\(x=...\) must have shape \[B, S, 32\].* got \(2, 10, 16\)",
     ),
-    (lambda: module([1, 2]), TypeError, r"forward\(x=...\) must be a tensor \[B, S, E\], got list"),
+    (lambda: module([1, 2]), TypeError, r"forward\(x=...\) must be a tensor \[B, S, 32\], got list"),
     (
         lambda: module(x, torch.randn(3, 5, 32)),
         ValueError,
