@@ -315,3 +315,91 @@ def format_bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------
+# MultiheadFlexAttention's arguments and inputs
+# --------------------------------------------------------------------------------------------
+
+
+def check_module_config(
+    embed_dim: int, out_dim: int, kdim: int, vdim: int, num_heads: int, num_kv_heads: int,
+    dropout: float, backend: str, backends: tuple[str, ...], score_mod: object, density: float,
+) -> None:  # fmt: skip
+    """``MultiheadFlexAttention``'s arguments, checked before anything is built."""
+    for name, value in (("embed_dim", embed_dim), ("out_dim", out_dim), ("kdim", kdim),
+                        ("vdim", vdim), ("num_heads", num_heads),
+                        ("num_kv_heads", num_kv_heads)):  # fmt: skip
+        check_int(value, f"MultiheadFlexAttention({name}=...)", expected="a positive int")
+    if out_dim % num_heads:
+        what = "out_dim" if out_dim != embed_dim else "embed_dim"
+        raise ValueError(
+            f"MultiheadFlexAttention({what}={out_dim}, num_heads={num_heads}): {what} "
+            f"must be divisible by num_heads to split it into heads; pick num_heads among "
+            f"{[h for h in range(1, min(out_dim, 64) + 1) if out_dim % h == 0]}."
+        )
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"MultiheadFlexAttention(num_heads={num_heads}, num_kv_heads={num_kv_heads}): "
+            "num_heads must be divisible by num_kv_heads (each key/value head serves a "
+            "group of query heads)."
+        )
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"MultiheadFlexAttention(dropout=...) must be a number in [0, 1), "
+                        f"got {dropout!r}.")  # fmt: skip
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"MultiheadFlexAttention(dropout=...) must be in [0, 1), got "
+                         f"{dropout!r}.")  # fmt: skip
+    if backend not in backends:
+        raise ValueError(
+            f"MultiheadFlexAttention(backend=...) must be one of {backends}, got {backend!r}."
+        )
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(
+            f"MultiheadFlexAttention(score_mod=...) must be a callable (score, b, h, q_idx, "
+            f"kv_idx) -> score, got {type(score_mod).__name__}."
+        )
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(
+            "MultiheadFlexAttention(sparse_max_density=...) must be a number in [0, 1], got "
+            f"{density!r}."
+        )
+    if not 0 <= density <= 1:
+        raise ValueError(
+            "MultiheadFlexAttention(sparse_max_density=...) must be a block density in "
+            f"[0, 1] (0: never the sparse path, 1: always), got {density!r}."
+        )
+
+
+def check_module_input(t: object, name: str, width: int, weight: Tensor, x: Tensor) -> None:
+    """``forward``'s ``x`` or a context source against its width, the weights' dtype and device,
+    and ``x``'s batch."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"forward({name}=...) must be a tensor [B, S, {width}], got "
+                        f"{type(t).__name__}.")  # fmt: skip
+    if t.dim() != 3 or t.shape[-1] != width:
+        raise ValueError(
+            f"forward({name}=...) must have shape [B, S, {width}] (batch first, width last), "
+            f"got {tuple(t.shape)}."
+        )
+    if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+        raise TypeError(
+            f"forward({name}=...) is {t.dtype} but the module's weights are "
+            f"{weight.dtype}; convert one of them, e.g. {name}.to({weight.dtype}) or "
+            f"module.to({t.dtype})."
+        )
+    if t.device != weight.device:
+        raise ValueError(
+            f"forward({name}=...) is on {t.device} but the module's weights are on "
+            f"{weight.device}; move one of them, e.g. {name}.to('{weight.device}')."
+        )
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(
+            f"forward({name}=...) needs at least one sequence of one token, got shape "
+            f"{tuple(t.shape)}."
+        )
+    if t.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"forward(context=...) has batch {t.shape[0]} but x has batch "
+            f"{x.shape[0]}; give one context sequence per query sequence."
+        )

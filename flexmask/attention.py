@@ -12,12 +12,14 @@ from ._checks import (
     check_block_mask_shape,
     check_block_sizes,
     check_flag,
-    check_int,
     check_kernel_options,
+    check_module_config,
+    check_module_input,
 )
 from .cache import KVCache
 from .dispatch import BACKENDS, SPARSE_MAX_DENSITY, Backend, Call, choose
 from .masks import MaskMod, MaskModFn, as_mask, full
+from .rotary import check_rope_theta, rotate, token_positions
 from .runners import RUNNERS, MaskForms, Options, ScoreModFn
 
 __all__ = ["MultiheadFlexAttention", "ScoreModFn"]
@@ -68,6 +70,9 @@ class MultiheadFlexAttention(nn.Module):
         out_bias: give ``out_proj`` a bias (default: ``bias``); the blog's module is
             ``MultiheadFlexAttention(d_in, n_heads, out_dim=d_out, bias=False, out_bias=True)``.
         dropout: attention-probability dropout while training.
+        rope_theta: rotary position embeddings on queries and keys (Llama's rotate-half
+            convention over the whole head dim, base ``rope_theta``, e.g. 10000.0); None for
+            none. Positions come from ``forward(positions=...)``.
         score_mod: optional ``(score, b, h, q_idx, kv_idx) -> score`` (ALiBi, soft-capping, ...).
         block_size: BlockMask tile size for masks the module builds itself: an int, or
             ``(q_block, kv_block)``.
@@ -97,6 +102,7 @@ class MultiheadFlexAttention(nn.Module):
         bias: bool = True,
         out_bias: bool | None = None,
         dropout: float = 0.0,
+        rope_theta: float | None = None,
         score_mod: ScoreModFn | None = None,
         block_size: int | tuple[int, int] = 128,
         backend: str = "auto",
@@ -110,8 +116,8 @@ class MultiheadFlexAttention(nn.Module):
         out_dim = embed_dim if out_dim is None else out_dim
         kdim = embed_dim if kdim is None else kdim
         vdim = embed_dim if vdim is None else vdim
-        _check_config(embed_dim, out_dim, kdim, vdim, num_heads, num_kv_heads, dropout, backend,
-                      score_mod, sparse_max_density)  # fmt: skip
+        check_module_config(embed_dim, out_dim, kdim, vdim, num_heads, num_kv_heads, dropout,
+                            backend, BACKENDS, score_mod, sparse_max_density)  # fmt: skip
         out_bias = bias if out_bias is None else out_bias
         for name, flag in (("bias", bias), ("out_bias", out_bias)):
             check_flag(flag, f"MultiheadFlexAttention({name}=...)")
@@ -119,6 +125,7 @@ class MultiheadFlexAttention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = out_dim // num_heads
+        self.rope_theta = check_rope_theta(rope_theta, self.head_dim)
         self.dropout = dropout
         self.score_mod = score_mod
         self.block_size = check_block_sizes(block_size)
@@ -163,7 +170,7 @@ class MultiheadFlexAttention(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The keys' and the values' sources, checked against the module's widths."""
         weight = self.q_proj.weight
-        _check_input(x, "x", self.embed_dim, weight, x)
+        check_module_input(x, "x", self.embed_dim, weight, x)
         if context is None:
             if (self.kdim, self.vdim) != (self.embed_dim, self.embed_dim):
                 raise ValueError(
@@ -185,8 +192,8 @@ class MultiheadFlexAttention(nn.Module):
             )
         else:
             k_src = v_src = context
-        _check_input(k_src, "context", self.kdim, weight, x)
-        _check_input(v_src, "context", self.vdim, weight, x)
+        check_module_input(k_src, "context", self.kdim, weight, x)
+        check_module_input(v_src, "context", self.vdim, weight, x)
         if k_src.shape[1] != v_src.shape[1]:
             raise ValueError(
                 f"forward(context=...): the keys' source has {k_src.shape[1]} tokens and the "
@@ -203,6 +210,7 @@ class MultiheadFlexAttention(nn.Module):
         cache: KVCache | None = None,
         lengths: Tensor | None = None,
         padding_side: str = "right",
+        positions: Tensor | None = None,
         return_qk: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """Attend ``x`` to itself, or to ``context`` (cross-attention), under ``mask``.
@@ -230,6 +238,9 @@ class MultiheadFlexAttention(nn.Module):
                 count (pads never enter it) and padded queries get zeros.
             padding_side: where this call's pads are with ``lengths``: ``"right"`` (after the
                 tokens) or ``"left"`` (before them, as tokenizers pad for generation).
+            positions: with ``rope_theta``, each token's position, ``[S]`` or ``[B, S]`` (default
+                ``arange(S)``; with a cache, row ``b``'s real tokens continue from
+                ``cache.lengths[b]``). A tree of candidates passes ``tree.position_ids(...)``.
             return_qk: also return the queries and keys (``[B, H, S, D]`` and ``[B, H_kv,
                 S_kv, D]``) as the scores see them, to draw them (``save_scores_png``).
 
@@ -259,6 +270,19 @@ class MultiheadFlexAttention(nn.Module):
                 "cached keys too; call project(x) and read cache.k for them."
             )
         q, k, v = self.project(x, context)
+        if self.rope_theta is not None:
+            if context is not None:
+                raise ValueError(
+                    "rotary embeddings (rope_theta) place queries and keys in one sequence; "
+                    "cross-attention has two. Use a module without rope_theta for it."
+                )
+            at = token_positions(positions, x, cache, lengths, padding_side)
+            q, k = rotate(q, at, self.rope_theta), rotate(k, at, self.rope_theta)
+        elif positions is not None:
+            raise ValueError(
+                "forward(positions=...) is for rotary embeddings, and this module has none "
+                "(rope_theta=None); build it with rope_theta=10000.0, or drop positions."
+            )
         out = self._attend(q, k, v, mask, cache, lengths, padding_side, context is not None)
         bsz, s_q, _ = x.shape
         out = self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.out_dim))
@@ -364,89 +388,6 @@ class MultiheadFlexAttention(nn.Module):
     def _options(self) -> Options:
         return Options(dropout_p=self.dropout if self.training else 0.0, score_mod=self.score_mod,
                        kernel_options=self.kernel_options)  # fmt: skip
-
-
-def _check_config(
-    embed_dim: int, out_dim: int, kdim: int, vdim: int, num_heads: int, num_kv_heads: int,
-    dropout: float, backend: str, score_mod: object, density: float,
-) -> None:  # fmt: skip
-    """``MultiheadFlexAttention``'s arguments, checked before anything is built."""
-    for name, value in (("embed_dim", embed_dim), ("out_dim", out_dim), ("kdim", kdim),
-                        ("vdim", vdim), ("num_heads", num_heads),
-                        ("num_kv_heads", num_kv_heads)):  # fmt: skip
-        check_int(value, f"MultiheadFlexAttention({name}=...)", expected="a positive int")
-    if out_dim % num_heads:
-        what = "out_dim" if out_dim != embed_dim else "embed_dim"
-        raise ValueError(
-            f"MultiheadFlexAttention({what}={out_dim}, num_heads={num_heads}): {what} "
-            f"must be divisible by num_heads to split it into heads; pick num_heads among "
-            f"{[h for h in range(1, min(out_dim, 64) + 1) if out_dim % h == 0]}."
-        )
-    if num_heads % num_kv_heads:
-        raise ValueError(
-            f"MultiheadFlexAttention(num_heads={num_heads}, num_kv_heads={num_kv_heads}): "
-            "num_heads must be divisible by num_kv_heads (each key/value head serves a "
-            "group of query heads)."
-        )
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-        raise TypeError(f"MultiheadFlexAttention(dropout=...) must be a number in [0, 1), "
-                        f"got {dropout!r}.")  # fmt: skip
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"MultiheadFlexAttention(dropout=...) must be in [0, 1), got "
-                         f"{dropout!r}.")  # fmt: skip
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"MultiheadFlexAttention(backend=...) must be one of {BACKENDS}, got {backend!r}."
-        )
-    if score_mod is not None and not callable(score_mod):
-        raise TypeError(
-            f"MultiheadFlexAttention(score_mod=...) must be a callable (score, b, h, q_idx, "
-            f"kv_idx) -> score, got {type(score_mod).__name__}."
-        )
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(
-            "MultiheadFlexAttention(sparse_max_density=...) must be a number in [0, 1], got "
-            f"{density!r}."
-        )
-    if not 0 <= density <= 1:
-        raise ValueError(
-            "MultiheadFlexAttention(sparse_max_density=...) must be a block density in "
-            f"[0, 1] (0: never the sparse path, 1: always), got {density!r}."
-        )
-
-
-def _check_input(t: object, name: str, width: int, weight: Tensor, x: Tensor) -> None:
-    """``forward``'s ``x`` or a context source against its width, the weights' dtype and device,
-    and ``x``'s batch."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"forward({name}=...) must be a tensor [B, S, {width}], got "
-                        f"{type(t).__name__}.")  # fmt: skip
-    if t.dim() != 3 or t.shape[-1] != width:
-        raise ValueError(
-            f"forward({name}=...) must have shape [B, S, {width}] (batch first, width last), "
-            f"got {tuple(t.shape)}."
-        )
-    if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
-        raise TypeError(
-            f"forward({name}=...) is {t.dtype} but the module's weights are "
-            f"{weight.dtype}; convert one of them, e.g. {name}.to({weight.dtype}) or "
-            f"module.to({t.dtype})."
-        )
-    if t.device != weight.device:
-        raise ValueError(
-            f"forward({name}=...) is on {t.device} but the module's weights are on "
-            f"{weight.device}; move one of them, e.g. {name}.to('{weight.device}')."
-        )
-    if t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(
-            f"forward({name}=...) needs at least one sequence of one token, got shape "
-            f"{tuple(t.shape)}."
-        )
-    if t.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"forward(context=...) has batch {t.shape[0]} but x has batch "
-            f"{x.shape[0]}; give one context sequence per query sequence."
-        )
 
 
 def _real_counts(lengths: Tensor | None, bsz: int, s_q: int, device: torch.device) -> Tensor:
