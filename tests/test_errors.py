@@ -308,7 +308,11 @@ BAD_FORWARDS = [
         ValueError,
         r"forward\(x=...\) must have shape \[B, S, 32\].* got \(2, 10, 16\)",
     ),
-    (lambda: module([1, 2]), TypeError, r"forward\(x=...\) must be a tensor \[B, S, 32\], got list"),
+    (
+        lambda: module([1, 2]),
+        TypeError,
+        r"forward\(x=...\) must be a tensor \[B, S, 32\], got list",
+    ),
     (
         lambda: module(x, torch.randn(3, 5, 32)),
         ValueError,
