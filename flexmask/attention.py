@@ -277,7 +277,7 @@ class MultiheadFlexAttention(nn.Module):
                     "cross-attention has two. Use a module without rope_theta for it."
                 )
             at = token_positions(positions, x, cache, lengths, padding_side)
-            q, k = rotate(q, at, self.rope_theta), rotate(k, at, self.rope_theta)
+            q, k = rotate(q, k, at, self.rope_theta)
         elif positions is not None:
             raise ValueError(
                 "forward(positions=...) is for rotary embeddings, and this module has none "

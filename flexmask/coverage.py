@@ -55,14 +55,9 @@ class Coverage:
         if self.any_hidden_q:
             q = _zeroed(q, self.hidden_q)
         if self.any_hidden_k:
-            hidden_k = self.hidden_k
-            if hidden_k.shape[1] not in (
-                1,
-                k.shape[1],
-            ):  # per query head: a key head serves a group
-                hidden_k = hidden_k.view(hidden_k.shape[0], k.shape[1], -1, hidden_k.shape[-1]).all(
-                    2
-                )
+            hidden_k, (nb, nh, s) = self.hidden_k, self.hidden_k.shape
+            if nh not in (1, k.shape[1]):  # per query head: a key head serves a group
+                hidden_k = hidden_k.view(nb, k.shape[1], -1, s).all(2)
             k, v = _zeroed(k, hidden_k), _zeroed(v, hidden_k)
         return q, k, v
 

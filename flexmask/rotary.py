@@ -53,12 +53,17 @@ def token_positions(
     return start + at
 
 
-def rotate(t: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotary embeddings on ``t [B, H, S, D]`` at ``positions [B or 1, S]``: Llama's rotate-half
-    (``t * cos + rotate_half(t) * sin``, frequencies ``theta^(-2i/D)``), computed in float32."""
-    d = t.shape[-1]
-    inv_freq = theta ** -(torch.arange(0, d, 2, device=t.device, dtype=torch.float32) / d)
+def rotate(q: Tensor, k: Tensor, positions: Tensor, theta: float) -> tuple[Tensor, Tensor]:
+    """Rotary embeddings on ``q [B, H, S, D]`` and ``k [B, H_kv, S, D]`` at ``positions [B or 1,
+    S]``: Llama's rotate-half (``t * cos + rotate_half(t) * sin``, frequencies
+    ``theta^(-2i/D)``), computed in float32, the angles once for both."""
+    d = q.shape[-1]
+    inv_freq = theta ** -(torch.arange(0, d, 2, device=q.device, dtype=torch.float32) / d)
     angles = positions[:, None, :, None].float() * inv_freq  # [B, 1, S, D/2]
     cos, sin = (torch.cat([f, f], dim=-1) for f in (angles.cos(), angles.sin()))
-    half = torch.cat([-t[..., d // 2 :], t[..., : d // 2]], dim=-1)
-    return (t.float() * cos + half.float() * sin).to(t.dtype)
+
+    def turned(t: Tensor) -> Tensor:
+        half = torch.cat([-t[..., d // 2 :], t[..., : d // 2]], dim=-1)
+        return (t.float() * cos + half.float() * sin).to(t.dtype)
+
+    return turned(q), turned(k)

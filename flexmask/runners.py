@@ -189,10 +189,25 @@ def backward_tiles_refuse(q: Tensor, block_sizes: tuple[int, int]) -> str | None
     q_block, kv_block = block_sizes
     if q.device.type != "cuda" or (q_block % 128 == 0 and kv_block % 128 == 0):
         return None
+    # Asked on every training call: the answer depends on these facts alone (autotuning widens
+    # torch's tile list).
+    autotune = bool(getattr(torch._inductor.config, "max_autotune", False))
+    return _backward_tiles_refuse(q.shape[-1], q.dtype, q.device, q_block, kv_block, autotune)
+
+
+@functools.cache
+def _backward_tiles_refuse(
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    q_block: int,
+    kv_block: int,
+    autotune: bool,
+) -> str | None:
     try:
         from torch._inductor.virtualized import V
 
-        tiles = V.choices.get_flex_attention_bwd_configs(q.shape[-1], q.dtype, "cuda")
+        tiles = V.choices.get_flex_attention_bwd_configs(head_dim, dtype, "cuda")
     except (ImportError, AttributeError, TypeError):  # another torch: let its kernel decide
         return None
     for t in tiles:
@@ -201,10 +216,10 @@ def backward_tiles_refuse(q: Tensor, block_sizes: tuple[int, int]) -> str | None
         if all(block % tile == 0 for block, tile in pairs):
             return None
     sizes = sorted({f"{t.block_m1}x{t.block_n1} and {t.block_m2}x{t.block_n2}" for t in tiles})
-    gpu = torch.cuda.get_device_name(q.device)
+    gpu = torch.cuda.get_device_name(device)
     return (
-        f"torch {torch.__version__}'s FlexAttention backward on {gpu} in {q.dtype} with head "
-        f"dim {q.shape[-1]} has tiles of {'; '.join(sizes)} (queries x keys), none of which "
+        f"torch {torch.__version__}'s FlexAttention backward on {gpu} in {dtype} with head "
+        f"dim {head_dim} has tiles of {'; '.join(sizes)} (queries x keys), none of which "
         f"divides blocks of {q_block} x {kv_block}"
     )
 

@@ -629,3 +629,20 @@ def test_neighborhood_2d_tile_bounds_are_sound_and_decide_most_tiles():
 def ref_counts(mask, n, size):
     dense = ref.neighborhood_2d(64, 64, 7)[0].view(n // size, size, n // size, size)
     return dense.sum((1, 3))
+
+
+def test_positions_past_a_per_position_tensor_belong_to_nothing():
+    """A longer KV cache evaluates masks past their per-position tensors: those positions read
+    the last entry clamped, and must still be outside (no document, no token, not global)."""
+    t = torch.tensor
+    zero = t(0)
+    cases = [
+        (fm.document([0, 0, 1]), 2, 3),  # the last id is 1 at 2; 3 is past it
+        (fm.from_cu_seqlens([0, 1, 3]), 2, 3),
+        (fm.from_hf_attention_mask(t([[1, 1, 1]])), 2, 3),
+        (fm.global_tokens([2]).bind(3, 3), 3, 0),  # 2 is global; 3, past it, is not
+    ]
+    for mask, q, kv in cases:
+        assert not bool(mask(zero, zero, t(q), t(kv))), mask
+        inside = (q, 2) if kv == 3 else (2, kv)
+        assert bool(mask(zero, zero, t(inside[0]), t(inside[1]))), mask  # the last entry itself

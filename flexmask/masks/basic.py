@@ -207,8 +207,11 @@ class _DilatedWindow(Leaf):
     dilation: int
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        distance = (q_idx - kv_idx).abs()
-        return (distance <= self.window) & (distance % self.dilation == 0)
+        # Comparisons, no integer abs (attention-gym notes a Hopper miscompile of it); with a
+        # positive divisor, torch's % is zero for an offset exactly when it is for its negation.
+        offset = kv_idx - q_idx
+        w = self.window
+        return (offset >= -w) & (offset <= w) & (offset % self.dilation == 0)
 
     def _expr(self) -> str:
         return f"dilated_window({self.window}, {self.dilation})"

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._checks import check_flag, check_memory, int_tensor
 from .base import MaskMod
-from .leaf import Leaf, declared, fmt_tensor
+from .leaf import Leaf, at_position, declared, fmt_tensor
 from .tiles import Tiles
 
 __all__ = ["document", "from_cu_seqlens", "from_position_ids", "packed"]
@@ -26,11 +26,9 @@ class _Document(Leaf):
         return True
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        ids = self.doc_ids
-        n = ids.shape[-1]  # positions past the ids (a longer KV cache) belong to no document
-        q, kv = q_idx.clamp(max=n - 1), kv_idx.clamp(max=n - 1)
-        same = ids[q] == ids[kv] if ids.dim() == 1 else ids[b, q] == ids[b, kv]
-        return same & (q_idx < n) & (kv_idx < n)
+        # Positions past the ids (a longer KV cache) belong to no document.
+        (q_doc, q_in), (kv_doc, kv_in) = (at_position(self.doc_ids, b, i) for i in (q_idx, kv_idx))
+        return (q_doc == kv_doc) & q_in & kv_in
 
     def _expr(self) -> str:
         if self.lengths is not None:
@@ -202,10 +200,12 @@ class _Varlen(Leaf):
         return True
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        nq, nk = self.q_seq.shape[0], self.kv_seq.shape[0]
-        q, kv = q_idx.clamp(max=nq - 1), kv_idx.clamp(max=nk - 1)
-        keep = (self.q_seq[q] == self.kv_seq[kv]) & (q_idx < nq) & (kv_idx < nk)
-        return keep & (kv_idx <= self.last_key[q]) if self.causal else keep
+        (q_seq, q_in), (kv_seq, kv_in) = (
+            at_position(self.q_seq, b, q_idx),
+            at_position(self.kv_seq, b, kv_idx),
+        )
+        keep = (q_seq == kv_seq) & q_in & kv_in
+        return keep & (kv_idx <= at_position(self.last_key, b, q_idx)[0]) if self.causal else keep
 
     def _expr(self) -> str:
         kv = "" if self.cu_kv is self.cu_q else f", {fmt_tensor(self.cu_kv)}"

@@ -30,12 +30,17 @@ class _Neighborhood2D(Leaf):
         """Along one axis: the key in the query's dilation group, inside the kernel centred on the
         query within that group, shifted to stay inside it."""
         d, half = self.dilation, self.kernel // 2
-        group = q % d
-        group_size = (size - group + d - 1) // d
-        center = torch.minimum((q // d).clamp(min=half), group_size - 1 - half)
+        center = self._center(q, size)
         k = kv // d
         # Comparisons, no integer abs (attention-gym notes a Hopper miscompile of it).
-        return (kv % d == group) & (k >= center - half) & (k <= center + half)
+        return (kv % d == q % d) & (k >= center - half) & (k <= center + half)
+
+    def _center(self, p: Tensor, size: int) -> Tensor:
+        """The window's centre for position ``p``, in its dilation grid's own positions: ``p``'s
+        own, moved inside the grid (``size`` positions on this axis) at the borders."""
+        d, half = self.dilation, self.kernel // 2
+        grid_size = (size - p % d + d - 1) // d
+        return torch.minimum((p // d).clamp(min=half), grid_size - 1 - half)
 
     def _expr(self) -> str:
         dilation = f", dilation={self.dilation}" if self.dilation != 1 else ""
@@ -55,11 +60,8 @@ class _Neighborhood2D(Leaf):
         """The first and last position of each position's window along an axis of ``size``."""
         p = torch.arange(size, device=device)
         d, half = self.dilation, self.kernel // 2
-        group = p % d
-        group_size = (size - group + d - 1) // d
-        center = (p // d).clamp(min=half)
-        center = torch.minimum(center, group_size - 1 - half)
-        return (center - half) * d + group, (center + half) * d + group
+        center = self._center(p, size)
+        return (center - half) * d + p % d, (center + half) * d + p % d
 
     def tile_bounds(self, tiles: Tiles) -> tuple[Tensor, Tensor]:
         # A tile's queries (or keys) lie in rows [r0, r1]; within one row, in columns [c0, c1].

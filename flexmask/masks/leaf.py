@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .base import MaskMod, check_depth
 
-__all__ = ["Leaf", "Wrapper", "declared", "fmt_tensor", "row_of"]
+__all__ = ["Leaf", "Wrapper", "at_position", "declared", "fmt_tensor", "row_of"]
 
 T = TypeVar("T")
 
@@ -115,6 +115,15 @@ def fmt_tensor(t: Tensor) -> str:
     head = ", ".join(map(str, flat[:3]))
     tail = ", ".join(map(str, flat[-3:]))
     return f"tensor([{head}, ..., {tail}], shape={tuple(t.shape)})"
+
+
+def at_position(values: Tensor, b: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
+    """``values[i]`` (``values[b, i]`` for a ``[B, N]`` tensor) with ``i`` clamped into range,
+    and whether ``i`` is in range: positions past a per-position tensor (a longer KV cache)
+    read its last entry and are reported outside. Pointwise, as FlexAttention's kernels need."""
+    n = values.shape[-1]
+    at = i.clamp(max=n - 1)
+    return (values[at] if values.dim() == 1 else values[b, at]), i < n
 
 
 def row_of(t: Tensor, b: Tensor) -> Tensor:

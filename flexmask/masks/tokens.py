@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .._checks import capture, check_flag, int_tensor, lengths_tensor
 from .base import MaskMod
-from .leaf import Leaf, declared, fmt_tensor
+from .leaf import Leaf, at_position, declared, fmt_tensor
 from .tiles import Tiles
 
 __all__ = ["from_hf_attention_mask", "global_tokens", "key_padding", "padding"]
@@ -126,10 +126,7 @@ def padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod:
         >>> fm.to_dense(fm.padding([2, 3], side="left"), 3, 3)[0, 0].int().tolist()
         [[0, 0, 0], [0, 1, 1], [0, 1, 1]]
     """
-    tensor = lengths_tensor(lengths, "padding(lengths=...)", "one length per batch row")
-    if side not in ("right", "left"):
-        raise ValueError(f"padding(side=...) must be 'right' or 'left', got {side!r}.")
-    return _Padding(tensor, side)
+    return _Padding(*_lengths_and_side("padding", lengths, side))
 
 
 def key_padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod:
@@ -160,10 +157,14 @@ def key_padding(lengths: Tensor | Sequence[int], side: str = "right") -> MaskMod
         >>> fm.to_dense(fm.key_padding([2]), 2, 3)[0, 0].int().tolist()
         [[1, 1, 0], [1, 1, 0]]
     """
-    tensor = lengths_tensor(lengths, "key_padding(lengths=...)", "one length per batch row")
+    return _Padding(*_lengths_and_side("key_padding", lengths, side), keys_only=True)
+
+
+def _lengths_and_side(name: str, lengths: object, side: object) -> tuple[Tensor, str]:
+    tensor = lengths_tensor(lengths, f"{name}(lengths=...)", "one length per batch row")
     if side not in ("right", "left"):
-        raise ValueError(f"key_padding(side=...) must be 'right' or 'left', got {side!r}.")
-    return _Padding(tensor, side, keys_only=True)
+        raise ValueError(f"{name}(side=...) must be 'right' or 'left', got {side!r}.")
+    return tensor, side
 
 
 @declared
@@ -177,13 +178,10 @@ class _GlobalTokens(Leaf):
             return (idx == q_idx[..., None]).any(-1) | (idx == kv_idx[..., None]).any(-1)
         # Bound: one lookup per position, pointwise, as FlexAttention's kernels need (they
         # cannot lower the reduction above).
-        flags, n = self.flags, self.flags.shape[-1]
-
-        def is_global(i: Tensor) -> Tensor:
-            at = i.clamp(max=n - 1)
-            return (flags[at] if flags.dim() == 1 else flags[b, at]) & (i < n)
-
-        return is_global(q_idx) | is_global(kv_idx)
+        (q_global, q_in), (kv_global, kv_in) = (
+            at_position(self.flags, b, i) for i in (q_idx, kv_idx)
+        )
+        return (q_global & q_in) | (kv_global & kv_in)
 
     def _bind_leaf(self, q_len: int, kv_len: int) -> MaskMod:
         n = max(q_len, kv_len)
@@ -276,11 +274,12 @@ class _Tokens(Leaf):
         return True
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        n = self.real.shape[1]  # positions past the mask (a longer KV cache) are not tokens
-        keep = self.real[b, kv_idx.clamp(max=n - 1)] & (kv_idx < n)
+        # Positions past the mask (a longer KV cache) are not tokens.
+        kv_real, kv_in = at_position(self.real, b, kv_idx)
         if self.keys_only:
-            return keep
-        return keep & self.real[b, q_idx.clamp(max=n - 1)] & (q_idx < n)
+            return kv_real & kv_in
+        q_real, q_in = at_position(self.real, b, q_idx)
+        return kv_real & kv_in & q_real & q_in
 
     def _expr(self) -> str:
         keys = ", keys_only=True" if self.keys_only else ""
