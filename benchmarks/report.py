@@ -118,6 +118,18 @@ def table(name: str) -> str:
     return (RESULTS / f"{name}.md").read_text()
 
 
+def score_mods_intro(meta: dict[str, Any]) -> str:
+    return (
+        f"One training step (forward, backward to q, k, v and the table) with an additive "
+        f"score_mod under `sliding_window({meta['window']})`: the sparse path adds it as a bias on "
+        f"its runs, the explicit softmax (the `sdpa` backend with a score_mod) computes every "
+        f"score. {meta['dtype']}, batch {meta['batch']}, {meta['heads']} heads of "
+        f"{meta['head_dim']}; measured {meta['date']} on {meta['cpu']} ({meta['threads']} "
+        f"threads), fp32 matmul peak {meta['matmul_peak_gflops']:.0f} GFLOP/s in the same run. "
+        "Reproduce with `python benchmarks/score_mods.py` (part of `make bench`)."
+    )
+
+
 def main() -> None:
     fwd, bwd = load("attention_forward"), load("attention_backward")
     plots("forward", fwd["rows"])
@@ -182,6 +194,12 @@ def main() -> None:
         "Peak resident memory rise during one call (after a warm-up call).",
         "",
         table("memory"),
+        "",
+        "## Score mods: CPU training under a window",
+        "",
+        score_mods_intro(load("score_mods")["meta"]),
+        "",
+        table("score_mods"),
     ]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")

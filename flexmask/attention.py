@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
+from . import score_mods
 from ._checks import (
     check_block_mask_shape,
     check_block_sizes,
@@ -21,6 +22,7 @@ from .dispatch import BACKENDS, SPARSE_MAX_DENSITY, Backend, Call, choose
 from .masks import MaskMod, MaskModFn, as_mask, full
 from .rotary import check_rope_theta, rotate, token_positions
 from .runners import RUNNERS, MaskForms, Options, ScoreModFn
+from .score_mods import is_additive
 
 __all__ = ["MultiheadFlexAttention", "ScoreModFn"]
 
@@ -36,15 +38,16 @@ class MultiheadFlexAttention(nn.Module):
         ``"flex"``: compiled ``flex_attention`` (compiled once per process) on the BlockMask;
         inference only on CPU.
         ``"sparse"``: ``sparse_attention``, SDPA over the BlockMask's visited blocks only;
-        trains on CPU (no ``score_mod``).
+        trains on CPU (a ``score_mod`` only if additive: ``alibi``, ``relative_bias``).
         ``"sdpa"``: ``scaled_dot_product_attention`` with the dense boolean mask (its
         ``is_causal`` kernel for a square ``causal()``; an explicit softmax when a ``score_mod``
         is given).
         ``"auto"``: per call, by ``flexmask.dispatch.choose`` (the one policy, also the
         Transformers adapter's): no mask -> SDPA; ``causal()`` on a square problem -> SDPA
         ``is_causal``; decoding on CPU -> SDPA; with a ``score_mod``: flex where it runs, else
-        SDPA; other masks on CPU -> sparse when the fraction of blocks visited (gathered ones
-        counted twice) is at most ``sparse_max_density``, else SDPA; on CUDA -> flex.
+        (training on CPU) sparse or SDPA as below for an additive one, else SDPA; other masks
+        on CPU -> sparse when the fraction of blocks visited (gathered ones counted twice) is
+        at most ``sparse_max_density``, else SDPA; on CUDA -> flex.
         ``backend_for`` says which, for an input.
 
     Fully masked query rows (padding, or a ``score_mod`` sending a whole row to ``-inf``) give
@@ -352,8 +355,9 @@ class MultiheadFlexAttention(nn.Module):
             forms = MaskForms(step, block_size=self.block_size, keep=False)
         backend = choose(self.backend, self._call(q, cache.max_len, decoding=True), forms)
         forms.prepare(backend, q, cache.max_len)
+        options = self._options(queries_from=cache.lengths.clone())
         with cache.appended(k, v, counts):
-            out = RUNNERS[backend](q, cache.k, cache.v, forms, self._options())
+            out = RUNNERS[backend](q, cache.k, cache.v, forms, options)
         return _rotate(out, (ar - shift) % s_q) if rotate else out
 
     def backend_for(
@@ -382,11 +386,17 @@ class MultiheadFlexAttention(nn.Module):
         return Call(q=q, s_kv=s_kv, needs_grad=needs_grad,
                     dropout=self.training and self.dropout > 0,
                     score_mod=self.score_mod is not None, softmax_only=False,
+                    additive_scores=is_additive(self.score_mod),
                     decoding=decoding, shapes_vary=False,
                     max_density=self.sparse_max_density)  # fmt: skip
 
-    def _options(self) -> Options:
-        return Options(dropout_p=self.dropout if self.training else 0.0, score_mod=self.score_mod,
+    def _options(self, queries_from: Tensor | None = None) -> Options:
+        """The call's options; after a KV cache holding ``queries_from [B]`` tokens, the
+        score_mod sees each query at its position in the cache, as the keys are."""
+        score_mod = self.score_mod
+        if score_mod is not None and queries_from is not None:
+            score_mod = score_mods.queries_from(score_mod, queries_from)
+        return Options(dropout_p=self.dropout if self.training else 0.0, score_mod=score_mod,
                        kernel_options=self.kernel_options)  # fmt: skip
 
 

@@ -44,6 +44,7 @@ class Call:
     decoding: bool  # queries after a KV cache (flexmask's, or Transformers' past keys)
     shapes_vary: bool  # a new shape every call (Transformers' growing caches): flex recompiles
     max_density: float = SPARSE_MAX_DENSITY
+    additive_scores: bool = False  # the score_mod adds a bias (alibi, relative_bias): sparse too
 
     @property
     def on_cpu(self) -> bool:
@@ -53,6 +54,12 @@ class Call:
     def plain_scores(self) -> bool:
         """Scores as ``q k^T`` gives them: no score_mod, soft-capping, sinks or bias."""
         return not self.score_mod and not self.softmax_only
+
+    @property
+    def sparse_runs(self) -> bool:
+        """The sparse path can compute this call: plain scores, or a score_mod it adds as a
+        bias on its runs."""
+        return self.plain_scores or (self.additive_scores and not self.softmax_only)
 
     @property
     def flex_runs(self) -> bool:
@@ -82,10 +89,14 @@ def scores_need_softmax(call: Call, forms: MaskForms) -> Backend | None:
 
 
 def score_mod_where_flex_runs(call: Call, forms: MaskForms) -> Backend | None:
-    """A score_mod runs in flex's kernel where flex can run, else in the explicit softmax."""
+    """A score_mod runs in flex's kernel where flex can run; else an additive one (ALiBi, a
+    relative bias) on CPU goes on to the sparse-or-dense rule (the sparse path adds it as a bias
+    on its runs: O(S * window) under a window), and any other in the explicit softmax."""
     if not call.score_mod:
         return None
-    return "flex" if call.flex_runs and not _flex_cannot_train(call, forms) else "sdpa"
+    if call.flex_runs and not _flex_cannot_train(call, forms):
+        return "flex"
+    return None if call.on_cpu and call.sparse_runs else "sdpa"
 
 
 def cpu_decoding(call: Call, forms: MaskForms) -> Backend | None:
@@ -150,10 +161,11 @@ def choose(requested: str, call: Call, forms: MaskForms) -> Backend:
             if backend is not None:
                 return backend
         raise AssertionError("unreachable: the last rule always answers")
-    if requested == "sparse" and not call.plain_scores:
+    if requested == "sparse" and not call.sparse_runs:
         raise ValueError(
-            "backend='sparse' has no score_mod, soft-capping, attention sinks or bias (it runs "
-            "SDPA on the visited blocks); use backend='auto', 'flex' or 'sdpa'."
+            "backend='sparse' runs SDPA on the visited blocks: it adds the additive score_mods "
+            "(alibi, relative_bias, their compose) as a bias, but has no other score_mod, "
+            "soft-capping, attention sinks or bias; use backend='auto', 'flex' or 'sdpa'."
         )
     if requested == "flex":
         _check_flex(call)

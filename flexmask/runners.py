@@ -227,7 +227,8 @@ def _backward_tiles_refuse(
 def sparse(q: Tensor, k: Tensor, v: Tensor, forms: MaskForms, options: Options) -> Tensor:
     """``sparse_attention`` on the BlockMask: only its visited blocks, with backward."""
     bm = forms.block_mask(q, k.shape[2])
-    return sparse_attention(q, k, v, bm, scale=options.scale, dropout_p=options.dropout_p)
+    return sparse_attention(q, k, v, bm, scale=options.scale, dropout_p=options.dropout_p,
+                            score_mod=options.score_mod)  # fmt: skip
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, forms: MaskForms, options: Options) -> Tensor:

@@ -7,17 +7,26 @@ score_mod=...)``, ``flex_attend``, ``save_scores_png``)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ._checks import check_int
 
-__all__ = ["ScoreMod", "alibi", "compose", "relative_bias", "softcap"]
+__all__ = ["ScoreMod", "alibi", "compose", "is_additive", "relative_bias", "softcap"]
 
 
 class ScoreMod:
     """A named score_mod: ``mod(score, b, h, q_idx, kv_idx)`` returns the new score."""
+
+    additive: bool = False
+    """True when the mod adds a term that does not depend on the score (``score + f(b, h, q_idx,
+    kv_idx)``): the sparse path then adds ``f`` as a bias on each run of visited blocks."""
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The tensors ``f`` reads whose gradients must reach them (``relative_bias``'s table)."""
+        return ()
 
     def __call__(
         self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor
@@ -29,6 +38,8 @@ class ScoreMod:
 
 
 class _Alibi(ScoreMod):
+    additive = True
+
     def __init__(self, num_heads: int) -> None:
         self.num_heads = num_heads
         self.power = 2 ** int(math.log2(num_heads))  # the largest power of two <= num_heads
@@ -110,9 +121,14 @@ def softcap(cap: float) -> ScoreMod:
 
 
 class _RelativeBias(ScoreMod):
+    additive = True
+
     def __init__(self, table: Tensor) -> None:
         self.table = table
         self.radius = (table.shape[1] - 1) // 2
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.table,)
 
     def __call__(
         self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor
@@ -160,6 +176,10 @@ def relative_bias(table: Tensor) -> ScoreMod:
 class _Compose(ScoreMod):
     def __init__(self, mods: tuple[ScoreMod, ...]) -> None:
         self.mods = mods
+        self.additive = all(is_additive(mod) for mod in mods)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return tuple(t for mod in self.mods if isinstance(mod, ScoreMod) for t in mod.tensors())
 
     def __call__(
         self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor
@@ -194,3 +214,37 @@ def compose(*mods: object) -> ScoreMod:
                 "(score, b, h, q_idx, kv_idx) -> score."
             )
     return _Compose(tuple(mods))  # type: ignore[arg-type]
+
+
+class _QueriesFrom(ScoreMod):
+    """``mod`` with query ``i`` of row ``b`` at position ``start[b] + i``: a call after a KV
+    cache holding ``start[b]`` tokens, whose keys are at their absolute positions already."""
+
+    def __init__(self, mod: Callable[..., Tensor], start: Tensor) -> None:
+        self.mod, self.start = mod, start
+        self.additive = is_additive(mod)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.mod.tensors() if isinstance(self.mod, ScoreMod) else ()
+
+    def __call__(
+        self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor
+    ) -> Tensor:
+        return self.mod(score, b, h, q_idx + self.start[b], kv_idx)
+
+    def __repr__(self) -> str:
+        return f"{self.mod!r} with queries from positions {self.start.tolist()}"
+
+
+def queries_from(score_mod: Callable[..., Tensor], start: Tensor) -> ScoreMod:
+    """``score_mod`` for a call whose query ``i`` of row ``b`` is at position ``start[b] + i``
+    (``start [B]``: the tokens a KV cache held before the call). Without it, a relative bias
+    would measure a decode step's distances from position 0."""
+    return _QueriesFrom(score_mod, start)
+
+
+def is_additive(score_mod: object) -> bool:
+    """Whether ``score_mod`` is one of flexmask's that add a term independent of the score
+    (``alibi``, ``relative_bias`` and their ``compose``): the sparse path can apply those. A plain
+    function cannot say so, and counts as not additive."""
+    return isinstance(score_mod, ScoreMod) and score_mod.additive

@@ -10,6 +10,10 @@ once per BlockMask and cached with the runs (the *plan*). The backward pass keep
 SDPA graph and adds its gradients into one buffer per input. Memory is proportional to the
 visited blocks, never to ``q_len x kv_len``.
 
+An additive score_mod (``alibi``, ``relative_bias``, their ``compose``) is added to each run's
+scores as a float bias, evaluated on the run's positions only; the gradient of the tensors it
+reads (a relative-bias table) is gathered from every run's bias gradient.
+
 A second backward through the same graph (``retain_graph=True``, ``gradcheck``) recomputes the
 runs from the saved inputs (with the same dropout); a differentiable backward
 (``create_graph=True``: gradient penalties) recomputes them with an explicit softmax, which
@@ -19,6 +23,7 @@ autograd can differentiate again.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +35,8 @@ from ._checks import check_block_mask_shape
 from .block import block_mask_for
 from .coverage import coverage
 from .masks import MaskModFn, as_mask
-from .sparse_plan import Plan, plan
+from .score_mods import is_additive
+from .sparse_plan import Plan, Run, plan
 
 __all__ = ["sparse_attention"]
 
@@ -44,6 +50,7 @@ def sparse_attention(
     block_size: int | tuple[int, int] = 128,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    score_mod: Any = None,
 ) -> Tensor:
     """Attention that computes only the blocks a BlockMask visits; differentiable.
 
@@ -57,6 +64,12 @@ def sparse_attention(
             None (every key visible).
         scale: score scale, default ``1 / sqrt(D)``.
         dropout_p: attention-probability dropout.
+        score_mod: an additive score_mod (``alibi``, ``relative_bias``, or their ``compose``),
+            added to the scores of the visited blocks; gradients reach the tensors it reads.
+
+    Raises:
+        ValueError: for a score_mod that is not additive (``softcap``, a plain function): the
+            runs are SDPA calls, which take a bias but no function of the score.
 
     Query rows that see no key give zeros (and zero gradients), never NaN, also when the
     inputs hold NaN at positions the mask hides from every query (padding): those are zeroed
@@ -71,7 +84,7 @@ def sparse_attention(
         >>> torch.allclose(out, ref, atol=1e-6)
         True
     """
-    _check_inputs(q, k, v, dropout_p)
+    _check_inputs(q, k, v, dropout_p, score_mod)
     bsz, nh, s_q, _ = q.shape
     nkv, s_kv = k.shape[1], k.shape[2]
     if not isinstance(mask, BlockMask):
@@ -95,12 +108,53 @@ def sparse_attention(
         inputs = q.sum() + k.sum() + v.sum()
         never = torch.zeros((), dtype=torch.bool, device=q.device)
         return q.new_zeros(q.shape) + torch.where(never, inputs, 0.0)
-    args = (the_plan, (qbs, kvbs), scale, dropout_p)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q_rows, k_rows, v_rows)):
-        result = _SparseRuns.apply(q_rows, k_rows, v_rows, *args)
+    bias = None if score_mod is None else _Bias(score_mod, bsz, nh, mb, mh)
+    args = (the_plan, (qbs, kvbs), scale, dropout_p, bias)
+    tensors = () if bias is None else score_mod.tensors()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q_rows, k_rows, v_rows, *tensors)):
+        result = _SparseRuns.apply(q_rows, k_rows, v_rows, *args, *tensors)
     else:
         result = _attend_runs(q_rows, k_rows, v_rows, *args)
     return _unblock(result, bsz, nh, mb, mh, nqb, qbs)[:, :, :s_q]
+
+
+_Graph = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
+"""One run's autograd graph: its output, the leaves q, k, v it was computed from, and the bias
+with the leaf SDPA added (its gradient once ``_accumulate`` ran), or None twice."""
+
+
+@dataclass(frozen=True)
+class _Bias:
+    """An additive score_mod, evaluated on the positions of one run at a time."""
+
+    mod: Any
+    batch: int
+    heads: int
+    mask_batch: int
+    mask_heads: int
+
+    def of(self, run: Run, sizes: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        """``mod(0, b, h, q_idx, kv_idx)`` over the run's scores, broadcastable to
+        ``[n, hs, q, c*kvbs]`` (hs: the batch rows and heads riding along as in ``_mask_rows``)."""
+        qbs, kvbs = sizes
+        dev = run.qb.device
+        if run.merged:
+            assert run.q_view is not None
+            q_idx = run.q_view[0] * qbs + torch.arange(len(run.qb) * qbs, device=dev)
+            blocks = run.blocks[:1]
+        else:
+            q_idx = run.qb[:, None] * qbs + torch.arange(qbs, device=dev)
+            blocks = run.blocks.reshape(len(run.qb), -1)
+        kv_idx = blocks[:, :, None] * kvbs + torch.arange(kvbs, device=dev)
+        per_b, per_h = self.batch // self.mask_batch, self.heads // self.mask_heads
+        hs = torch.arange(per_b * per_h, device=dev)
+        b = (run.row // self.mask_heads) * per_b + hs // per_h
+        h = (run.row % self.mask_heads) * per_h + hs % per_h
+        zero = torch.zeros((), device=dev)  # float32 positions: bf16 would round the distances
+        bias = self.mod(zero, b.view(1, -1, 1, 1), h.view(1, -1, 1, 1),
+                        q_idx.view(q_idx.shape[0] if not run.merged else 1, 1, -1, 1),
+                        kv_idx.view(blocks.shape[0], 1, 1, -1))  # fmt: skip
+        return bias.to(dtype)
 
 
 def _attend_runs(
@@ -111,14 +165,16 @@ def _attend_runs(
     sizes: tuple[int, int],
     scale: float | None,
     dropout_p: float,
-    graphs: list[tuple[Tensor, ...]] | None = None,
+    bias: _Bias | None = None,
+    graphs: list[_Graph] | None = None,
     explicit: bool = False,
 ) -> Tensor:
     """Every run of the plan, one SDPA call each: ``[Bm*Hm*QB, hs, qbs, D]`` query blocks.
 
     With ``graphs``, each run's inputs are made leaves and its autograd graph is kept there as
-    ``(out, qg, kg, vg)`` for ``_SparseRuns.backward``. ``explicit`` computes each run with an
-    explicit softmax instead of SDPA (differentiable twice; no dropout)."""
+    ``(out, qg, kg, vg, bias, bias leaf)`` for ``_SparseRuns.backward`` (the bias pair None
+    without a bias that needs a gradient). ``explicit`` computes each run with an explicit
+    softmax instead of SDPA (differentiable twice; no dropout)."""
     qbs, kvbs = sizes
     gqa = q_rows.shape[1] != k_rows.shape[1]
     attend = _explicit_attention if explicit else F.scaled_dot_product_attention
@@ -133,17 +189,22 @@ def _attend_runs(
             qg = _take(q_rows[run.row], run.qb, run.q_view, qbs)
         kg = _take(k_rows[run.row], blocks, run.kv_view, kvbs)
         vg = _take(v_rows[run.row], blocks, run.kv_view, kvbs)
+        attn_mask = run.attn_mask(q_rows.dtype)
         with torch.enable_grad() if graphs is not None else contextlib.nullcontext():
+            b = b_used = None if bias is None else bias.of(run, sizes, q_rows.dtype)
             if graphs is not None:
                 qg, kg, vg = (t.detach().requires_grad_() for t in (qg, kg, vg))
-            out = attend(
-                qg, kg, vg, attn_mask=run.attn_mask(q_rows.dtype), dropout_p=dropout_p,
-                scale=scale, enable_gqa=gqa,
-            )  # fmt: skip
+                if b is not None and b.requires_grad:  # the bias's gradient, then the table's
+                    b_used = b.detach().requires_grad_()
+            if b_used is not None:
+                attn_mask = b_used if attn_mask is None else b_used + attn_mask
+            out = attend(qg, kg, vg, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale,
+                         enable_gqa=gqa)  # fmt: skip
             if run.blind is not None:  # queries that see no key: zeros, and zero gradients
                 out = out.masked_fill(run.blind, 0.0)
         if graphs is not None:
-            graphs.append((out, qg, kg, vg))
+            pair = (b, b_used) if b_used is not b else (None, None)
+            graphs.append((out, qg, kg, vg, *pair))
             out = out.detach()
         if run.merged:
             out = out.view(-1, n, qbs, out.shape[-1]).transpose(0, 1)
@@ -185,49 +246,73 @@ class _SparseRuns(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, q_rows: Tensor, k_rows: Tensor, v_rows: Tensor, plan: Plan,
-        sizes: tuple[int, int], scale: float | None, dropout_p: float,
+        sizes: tuple[int, int], scale: float | None, dropout_p: float, bias: _Bias | None,
+        *tensors: Tensor,
     ) -> Tensor:  # fmt: skip
+        # ``tensors`` (what the bias reads) are inputs so that autograd asks for their gradients;
+        # the bias reads them through its score_mod.
         device = q_rows.device
         ctx.rng = _rng_state(device) if dropout_p else None
-        graphs: list[tuple[Tensor, ...]] = []
-        result = _attend_runs(q_rows, k_rows, v_rows, plan, sizes, scale, dropout_p, graphs)
+        graphs: list[_Graph] = []
+        args = (plan, sizes, scale, dropout_p, bias)
+        result = _attend_runs(q_rows, k_rows, v_rows, *args, graphs=graphs)
         ctx.save_for_backward(q_rows, k_rows, v_rows)
-        ctx.graphs, ctx.plan, ctx.sizes = graphs, plan, sizes
-        ctx.scale, ctx.dropout_p = scale, dropout_p
+        ctx.graphs, ctx.args = graphs, args
         return result
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         q_rows, k_rows, v_rows = ctx.saved_tensors
+        plan, sizes, scale, dropout_p, bias = ctx.args
+        tensors = () if bias is None else bias.mod.tensors()
         if torch.is_grad_enabled():  # create_graph=True: the backward must be differentiable
-            return (*_differentiable_backward(ctx, q_rows, k_rows, v_rows, grad), None, None,
-                    None, None)  # fmt: skip
-        graphs, ctx.graphs = ctx.graphs, None
-        if graphs is None:  # a second backward (retain_graph): recompute the runs
-            graphs = []
-            q, k, v = (t.detach() for t in (q_rows, k_rows, v_rows))
-            with torch.random.fork_rng(devices=_rng_devices(q_rows.device)):
-                if ctx.rng is not None:
-                    _set_rng_state(q_rows.device, ctx.rng)
-                _attend_runs(q, k, v, ctx.plan, ctx.sizes, ctx.scale, ctx.dropout_p, graphs)
-        return _accumulate(ctx.plan, ctx.sizes, graphs, grad, q_rows.shape, k_rows.shape)
+            grads = _differentiable_backward(ctx, (q_rows, k_rows, v_rows, *tensors), grad)
+        else:
+            graphs, ctx.graphs = ctx.graphs, None
+            if graphs is None:  # a second backward (retain_graph): recompute the runs
+                graphs = []
+                q, k, v = (t.detach() for t in (q_rows, k_rows, v_rows))
+                with torch.random.fork_rng(devices=_rng_devices(q_rows.device)):
+                    if ctx.rng is not None:
+                        _set_rng_state(q_rows.device, ctx.rng)
+                    _attend_runs(q, k, v, plan, sizes, scale, dropout_p, bias, graphs)
+            grads = _accumulate(plan, sizes, graphs, grad, q_rows.shape, k_rows.shape)
+            grads += _bias_grads(graphs, tensors, ctx.needs_input_grad[8:])
+        return (*grads[:3], None, None, None, None, None, *grads[3:])
 
 
 def _differentiable_backward(
-    ctx: Any, q_rows: Tensor, k_rows: Tensor, v_rows: Tensor, grad: Tensor
+    ctx: Any, inputs: tuple[Tensor, ...], grad: Tensor
 ) -> tuple[Tensor | None, ...]:
-    """The gradients as a function of the inputs' own history (double backward)."""
-    if ctx.dropout_p:
+    """The gradients as a function of the inputs' own history (double backward): of q, k, v,
+    then of the bias's tensors."""
+    if ctx.args[3]:
         raise ValueError(
             "sparse_attention: a differentiable backward (create_graph=True, e.g. a gradient "
             "penalty) cannot replay the forward pass's dropout; use dropout_p=0 for that step."
         )
     ctx.graphs = None
-    inputs = (q_rows, k_rows, v_rows)
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:3], strict=True) if need]
-    out = _attend_runs(*inputs, ctx.plan, ctx.sizes, ctx.scale, 0.0, explicit=True)
-    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-    return tuple(next(grads) if need else None for need in ctx.needs_input_grad[:3])
+    needs = ctx.needs_input_grad[:3] + ctx.needs_input_grad[8:]
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+    plan, sizes, scale, _, bias = ctx.args
+    q, k, v = inputs[:3]
+    out = _attend_runs(q, k, v, plan, sizes, scale, 0.0, bias, explicit=True)
+    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
+
+
+def _bias_grads(
+    graphs: list[_Graph], tensors: tuple[Tensor, ...], needs: tuple[bool, ...]
+) -> tuple[Tensor | None, ...]:
+    """The gradients of the tensors the bias reads, from every run's bias gradient (which
+    ``_accumulate`` left in the graphs' last slot)."""
+    wanted = [t for t, need in zip(tensors, needs, strict=True) if need]
+    pairs = [(g[4], g[5]) for g in graphs if g[4] is not None]
+    if not wanted or not pairs:
+        return tuple(None for _ in tensors)
+    biases, bias_grads = zip(*pairs, strict=True)
+    grads = iter(torch.autograd.grad(biases, wanted, bias_grads, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def _rng_devices(device: torch.device) -> list[torch.device]:
@@ -250,7 +335,7 @@ def _set_rng_state(device: torch.device, state: Tensor) -> None:
 def _accumulate(
     plan: Plan,
     sizes: tuple[int, int],
-    graphs: list[tuple[Tensor, ...]],
+    graphs: list[_Graph],
     grad: Tensor,
     q_shape: torch.Size,
     k_shape: torch.Size,
@@ -262,13 +347,17 @@ def _accumulate(
     q_blocks = gq.view(q_shape[0], q_shape[1], -1, qbs, q_shape[3])
     grad_rows = grad if plan.order is None else grad.index_select(0, plan.order)
     start = 0
-    for run, (out, qg, kg, vg) in zip(plan.runs, graphs, strict=True):
+    for i, (run, (out, qg, kg, vg, _, b_used)) in enumerate(zip(plan.runs, graphs, strict=True)):
         n = len(run.qb)
         g = grad_rows[start : start + n]  # [n, hs, qbs, D]
         start += n
         if run.merged:
             g = g.transpose(0, 1).reshape(1, g.shape[1], n * qbs, g.shape[3])
-        dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), g)
+        if b_used is None:
+            dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), g)
+        else:  # the bias's gradient, for _bias_grads
+            dq, dk, dv, db = torch.autograd.grad(out, (qg, kg, vg, b_used), g)
+            graphs[i] = (out, qg, kg, vg, graphs[i][4], db)
         if run.merged:
             dq = dq.view(-1, n, qbs, dq.shape[-1]).transpose(0, 1)
         q_blocks[run.row][:, run.qb] = dq.reshape(n, -1, qbs, dq.shape[-1]).transpose(0, 1)
@@ -281,7 +370,7 @@ def _accumulate(
             buffer[run.row].view(hs, -1, kvbs, dim).index_add_(
                 1, blocks, per_block.reshape(hs, -1, kvbs, dim)
             )
-    return gq, gk, gv, None, None, None, None
+    return gq, gk, gv
 
 
 def _take(x: Tensor, blocks: Tensor, view: tuple[int, int] | None, bs: int) -> Tensor:
@@ -345,7 +434,14 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, who: str) -> None:
                          f"{k.device}, {v.device}.")  # fmt: skip
 
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> None:
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, score_mod: object) -> None:
     check_qkv(q, k, v, "sparse_attention")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"sparse_attention(dropout_p=...) must be in [0, 1), got {dropout_p!r}.")
+    if score_mod is not None and not is_additive(score_mod):
+        raise ValueError(
+            f"sparse_attention(score_mod=...) takes the additive score_mods (alibi, "
+            f"relative_bias, or their compose), got {score_mod!r}: its runs are SDPA calls, "
+            "which take a bias but no function of the score. Use flexmask's flex or sdpa "
+            "backend (an explicit softmax) for it."
+        )

@@ -94,6 +94,127 @@ def test_relative_bias_trains_its_table():
     assert used.tolist() == [True] * 5 + [False] * 4
 
 
+# -- the sparse path: additive mods as a bias on each run ------------------------------------------
+
+SPARSE_S, SPARSE_H, SPARSE_KV = 300, 4, 2
+DOCS = [[0] * 100 + [1] * 120 + [2] * 80, [0] * 150 + [1] * 150]
+
+
+def _sparse_case(name):
+    """(mask, its dense oracle [B, 1, S, S]) with runs of every kind: strided windows, causal
+    documents per batch row, and merged bidirectional documents (query blocks sharing keys)."""
+    s = SPARSE_S
+    return {
+        "window": (fm.sliding_window(40), ref.sliding_window(s, s, 40)[None]),
+        "causal_documents": (fm.causal() & fm.document(torch.tensor(DOCS)),
+                             (ref.causal(s, s) & ref.document(s, s, DOCS))[:, None]),
+        "documents": (fm.document(torch.tensor(DOCS)), ref.document(s, s, DOCS)[:, None]),
+    }[name]  # fmt: skip
+
+
+def _mods(table):
+    return {"alibi": fm.alibi(SPARSE_H), "relative_bias": fm.relative_bias(table),
+            "both": fm.compose(fm.alibi(SPARSE_H), fm.relative_bias(table))}  # fmt: skip
+
+
+@pytest.mark.parametrize("mask_name", ["window", "causal_documents", "documents"])
+@pytest.mark.parametrize("mod_name", ["alibi", "relative_bias", "both"])
+@pytest.mark.parametrize("block_size", [64, (64, 32)])
+def test_sparse_path_adds_additive_mods_as_the_golden(mask_name, mod_name, block_size):
+    """sparse_attention(score_mod=...) equals a float64 softmax of the modded scores under the
+    dense oracle, forward and backward, gradients of q, k, v and the table included (GQA)."""
+    mask, dense = _sparse_case(mask_name)
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(SPARSE_H, 9, generator=gen, requires_grad=True)
+    q = torch.randn(2, SPARSE_H, SPARSE_S, 16, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, SPARSE_KV, SPARSE_S, 16, generator=gen, requires_grad=True)
+            for _ in range(2))  # fmt: skip
+    got = fm.sparse_attention(q, k, v, mask, block_size=block_size,
+                              score_mod=_mods(table)[mod_name])  # fmt: skip
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
+    want = ref.attention(*leaves64[:3], dense, scores_fn=_bias_fn(_mods(leaves64[3])[mod_name]))
+    assert_close(got, want.detach(), rel=1e-5)
+    seed = torch.randn(got.shape, generator=gen)
+    inputs = [q, k, v] + ([table] if mod_name != "alibi" else [])
+    grads = torch.autograd.grad(got, inputs, seed)
+    wants = torch.autograd.grad(want, leaves64[: len(inputs)], seed.double())
+    for name, g, w in zip("qkvt", grads, wants, strict=False):
+        assert_close(g, w, rel=1e-5), name
+
+
+def test_sparse_path_with_a_bias_passes_gradcheck():
+    """float64 gradcheck and gradgradcheck (retain_graph recomputes the runs; create_graph
+    takes the explicit path) through q, k, v and a relative-bias table."""
+    gen = torch.Generator().manual_seed(4)
+    mask = fm.sliding_window(10) & fm.document(torch.tensor([[0] * 12 + [1] * 20]))
+    q, k, v = (torch.randn(1, 2, 32, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    table = torch.randn(2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v, table):
+        mod = fm.compose(fm.alibi(2), fm.relative_bias(table))
+        return fm.sparse_attention(q, k, v, mask, block_size=16, score_mod=mod)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, table))
+    assert torch.autograd.gradgradcheck(fn, (q, k, v, table))
+
+
+def test_auto_trains_additive_mods_on_the_sparse_path():
+    """Training on CPU under a window: auto takes the sparse path for ALiBi and a relative bias
+    (O(S * window)), the explicit softmax for soft-capping, which the sparse path cannot add."""
+    x = torch.randn(1, 1024, E)
+    table = torch.zeros(H, 5, requires_grad=True)
+    for mod, backend in ((fm.alibi(H), "sparse"), (fm.relative_bias(table), "sparse"),
+                         (fm.compose(fm.alibi(H), fm.softcap(5.0)), "sdpa")):  # fmt: skip
+        attn = fm.MultiheadFlexAttention(E, H, score_mod=mod)
+        assert attn.backend_for(x, mask=fm.sliding_window(128)) == backend, mod
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda q: fm.sparse_attention(q, q, q, fm.causal(), score_mod=fm.softcap(5.0)),
+        lambda q: fm.sparse_attention(q, q, q, fm.causal(), score_mod=lambda s, b, h, i, j: s),
+        lambda q: fm.MultiheadFlexAttention(E, H, backend="sparse", score_mod=fm.softcap(5.0))(
+            torch.randn(1, 8, E), mask=fm.causal()
+        ),
+    ],
+    ids=["softcap", "plain_function", "module"],
+)
+def test_sparse_path_refuses_what_it_cannot_add(call):
+    with pytest.raises(ValueError, match=r"additive score_mods \(alibi, relative_bias"):
+        call(torch.randn(1, 2, 8, 4))
+
+
+@pytest.mark.parametrize(
+    "backend", ["sdpa", "sparse", pytest.param("flex", marks=pytest.mark.slow)]
+)
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_a_cached_call_gives_the_score_mod_cache_positions(backend, left_padded):
+    """With a KV cache, the score_mod sees each query at its position in the cache, as it sees
+    the keys: prefill then decode equals one call on the whole sequence. (A relative bias once
+    measured a decode step's distances from position 0; ALiBi hid it, its row shift cancels.)"""
+    torch.manual_seed(5)
+    mod = fm.compose(fm.alibi(H), fm.relative_bias(torch.randn(H, 7)))
+    attn = fm.MultiheadFlexAttention(E, H, score_mod=mod, backend=backend).eval()
+    x = torch.randn(2, 12, E)
+    lengths = torch.tensor([8, 5])
+    cache = fm.KVCache(2, 16, H, E // H)
+    with torch.no_grad():
+        prompt = x[:, :8]
+        if left_padded:  # row 1's 5 real tokens at the end of the prompt
+            prompt = torch.stack([x[0, :8], torch.cat([torch.zeros(3, E), x[1, :5]])])
+        first = attn(prompt, mask=fm.causal(), cache=cache, lengths=lengths,
+                     padding_side="left" if left_padded else "right")  # fmt: skip
+        steps = [attn(x[:, None, i], mask=fm.causal(), cache=cache) for i in range(8, 11)]
+        for row, n in enumerate(lengths.tolist()):
+            whole = attn(torch.cat([x[row : row + 1, :n], x[row : row + 1, 8:11]], 1),
+                         mask=fm.causal())  # fmt: skip
+            real = first[row, -n:] if left_padded else first[row, :n]
+            assert_close(real, whole[0, :n], rel=1e-5)
+            assert_close(torch.cat([s[row] for s in steps]), whole[0, n:], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_flex_applies_the_score_mods_as_the_explicit_softmax():
     """Compiled flex on CPU (inference) with compose(alibi, softcap) equals the sdpa backend's

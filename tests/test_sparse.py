@@ -286,7 +286,7 @@ def test_auto_training_matches_golden_whatever_it_picks(name):
 
 def test_sparse_refuses_score_mod_and_bad_inputs():
     module = fm.MultiheadFlexAttention(E, H, backend="sparse", score_mod=lambda s, b, h, q, k: s)
-    with pytest.raises(ValueError, match="no score_mod"):
+    with pytest.raises(ValueError, match="has no other score_mod"):
         module(torch.randn(1, 8, E), mask=fm.causal())
     q = torch.randn(1, 4, 32, 8)
     with pytest.raises(ValueError, match="4-D tensor"):
