@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install figures figures-check test test-slow test-all test-legacy-hf lint format typecheck nb demo bench bench-quick bench-viz bench-hf bench-decode bench-blocks bench-guarantees check clean gpu-check test-torch211
+.PHONY: install figures figures-check test test-slow test-all test-legacy-hf lint format typecheck nb demo bench bench-quick bench-viz bench-hf bench-decode bench-blocks bench-guarantees check clean gpu-check test-torch211 example-cp bench-cp
 
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels on a CPU machine.
 $(STAMP): pyproject.toml
@@ -57,12 +57,12 @@ gpu-check:  ## pytest -m gpu and benchmarks/gpu.py on CUDA; summary.md and summa
 	bash benchmarks/gpu_check.sh "$(GPU_OUT)"
 
 lint: $(STAMP)
-	$(PY) -m ruff check flexmask tests benchmarks figures
-	$(PY) -m ruff format --check flexmask tests benchmarks figures
+	$(PY) -m ruff check flexmask tests benchmarks figures examples
+	$(PY) -m ruff format --check flexmask tests benchmarks figures examples
 
 format: $(STAMP)
-	$(PY) -m ruff format flexmask tests benchmarks figures
-	$(PY) -m ruff check --fix flexmask tests benchmarks figures
+	$(PY) -m ruff format flexmask tests benchmarks figures examples
+	$(PY) -m ruff check --fix flexmask tests benchmarks figures examples
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
@@ -95,8 +95,15 @@ bench-quick: $(STAMP)  ## the same scripts at small sizes, a smoke run (CI; unde
 	$(PY) benchmarks/dispatch.py --quick
 	$(PY) benchmarks/guarantees.py --quick
 	$(PY) benchmarks/score_mods.py --quick
+	$(PY) benchmarks/context_parallel.py --quick
 	$(PY) benchmarks/gpu.py --quick --device cpu --out benchmarks/results/gpu_quick  # the script only
 	$(PY) benchmarks/hf_decode.py --quick
+
+example-cp: $(STAMP)  ## context parallelism: a tiny transformer trained on 2 gloo ranks = 1 process
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 examples/context_parallel.py
+
+bench-cp: $(STAMP)  ## context parallelism: load balance of the shardings, per-rank peak memory
+	$(PY) benchmarks/context_parallel.py
 
 bench-viz: $(STAMP)  ## time and peak memory of drawing 16k-131k token masks
 	$(PY) benchmarks/viz_large.py

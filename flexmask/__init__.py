@@ -4,6 +4,7 @@ Describe once which query may see which key, combine the pieces with ``&``, ``|`
 a BlockMask, a dense mask for SDPA, diagnostics, and a drop-in attention module.
 """
 
+from . import distributed
 from ._lru import cache_info, clear_cache
 from .attention import MultiheadFlexAttention, ScoreModFn
 from .block import block_mask
@@ -67,6 +68,7 @@ __all__ = [
     "compose",
     "describe",
     "dilated_window",
+    "distributed",
     "document",
     "flex_attend",
     "from_cu_seqlens",

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from . import score_mods
+from . import distributed, score_mods
 from ._checks import (
     check_block_mask_shape,
     check_block_sizes,
@@ -19,6 +19,7 @@ from ._checks import (
 )
 from .cache import KVCache
 from .dispatch import BACKENDS, SPARSE_MAX_DENSITY, Backend, Call, choose
+from .distributed import Sharding
 from .masks import MaskMod, MaskModFn, as_mask, full
 from .rotary import check_rope_theta, rotate, token_positions
 from .runners import RUNNERS, MaskForms, Options, ScoreModFn
@@ -215,6 +216,8 @@ class MultiheadFlexAttention(nn.Module):
         padding_side: str = "right",
         positions: Tensor | None = None,
         return_qk: bool = False,
+        sharding: Sharding | None = None,
+        group: Any = None,
     ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """Attend ``x`` to itself, or to ``context`` (cross-attention), under ``mask``.
 
@@ -246,6 +249,10 @@ class MultiheadFlexAttention(nn.Module):
                 ``cache.lengths[b]``). A tree of candidates passes ``tree.position_ids(...)``.
             return_qk: also return the queries and keys (``[B, H, S, D]`` and ``[B, H_kv,
                 S_kv, D]``) as the scores see them, to draw them (``save_scores_png``).
+            sharding: context parallelism (``flexmask.distributed``): ``x`` is this rank's
+                shard of the sequence, ``mask`` is in global positions, and every rank of
+                ``group`` calls the module (``distributed.attention``). Rotary positions default
+                to the rank's global positions.
 
         Returns:
             The output ``[B, S, E]``; with ``return_qk``, ``(output, q, k)``.
@@ -272,6 +279,10 @@ class MultiheadFlexAttention(nn.Module):
                 "forward(return_qk=True) with a cache is not supported: the scores there see the "
                 "cached keys too; call project(x) and read cache.k for them."
             )
+        if sharding is not None:
+            distributed.check_module_call(self, sharding, group, mask, context, cache, return_qk)
+            if positions is None and self.rope_theta is not None:
+                positions = sharding.positions(distributed.rank_of(group)).to(x.device)
         q, k, v = self.project(x, context)
         if self.rope_theta is not None:
             if context is not None:
@@ -286,7 +297,13 @@ class MultiheadFlexAttention(nn.Module):
                 "forward(positions=...) is for rotary embeddings, and this module has none "
                 "(rope_theta=None); build it with rope_theta=10000.0, or drop positions."
             )
-        out = self._attend(q, k, v, mask, cache, lengths, padding_side, context is not None)
+        if sharding is not None:
+            assert not isinstance(mask, BlockMask)  # refused above: it has no global positions
+            out = distributed.attention(q, k, v, mask, sharding=sharding, group=group,
+                                        backend=self.backend,
+                                        block_size=self.block_size)  # fmt: skip
+        else:
+            out = self._attend(q, k, v, mask, cache, lengths, padding_side, context is not None)
         bsz, s_q, _ = x.shape
         out = self.out_proj(out.transpose(1, 2).reshape(bsz, s_q, self.out_dim))
         return (out, q, k) if return_qk else out

@@ -218,10 +218,22 @@ def _tiled_block_mask(
     full, partial = torch.stack(fulls)[:, None], torch.stack(partials)[:, None]  # [B, 1, QB, KVB]
     if heads is not None:  # the mask ignores h: every head the same
         full, partial = full.expand(-1, heads, -1, -1), partial.expand(-1, heads, -1, -1)
+    return from_grids(full, partial, mask, (q_len, kv_len), block_size)
+
+
+def from_grids(
+    full: Tensor,
+    partial: Tensor,
+    mask_mod: MaskModFn,
+    seq_lengths: tuple[int, int],
+    block_size: tuple[int, int],
+) -> BlockMask:
+    """The BlockMask of bool block grids ``[B, H, QB, KVB]``: ``full`` blocks need no mask,
+    ``partial`` ones are evaluated with ``mask_mod``."""
     num, idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
     result = BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block_size,
-                                      mask_mod=mask, seq_lengths=(q_len, kv_len),
+                                      mask_mod=mask_mod, seq_lengths=seq_lengths,
                                       compute_q_blocks=False)  # fmt: skip
     # The query-side tables (for the backward pass) from the same grids, transposed: torch's
     # from_kv_blocks rebuilds the grids under vmap, which cost ~10 ms of Python per decode step
