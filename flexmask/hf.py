@@ -30,18 +30,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask
 
 from .candidates import Tree
 from .coverage import DenseMask
 from .dense import to_hf_4d
 from .dispatch import BACKENDS, Call, choose
-from .hf_mask_functions import restarted_documents, translate
+from .hf_mask_functions import restarted_documents
 from .masks import (
     MaskMod,
     as_mask,
     causal,
-    from_hf_attention_mask,
     full,
     local_window,
     shifted,
@@ -51,14 +49,13 @@ from .runners import RUNNERS, MaskForms, Options, ScoreModFn
 
 try:
     from transformers import AttentionInterface
-    from transformers.masking_utils import (
-        AttentionMaskInterface,
-        causal_mask_function,
-    )
+    from transformers.masking_utils import AttentionMaskInterface
 except ImportError as err:  # pragma: no cover - the hf extra is missing
     raise ImportError(
         "flexmask.hf needs transformers: pip install 'flexmask[hf]' (or transformers)."
     ) from err
+
+from .hf_mask import HFMask, mask_interface  # after the check: it imports transformers too
 
 __all__ = ["HFMask", "TreeVerification", "register", "tree_inputs", "unregister", "verify_tree"]
 
@@ -78,43 +75,6 @@ _NO_EFFECT = frozenset({
     "kernel_options", "deterministic", "target_dtype", "query_length",
     "encoder_hidden_states",  # BERT passes it along: the keys and values are made from it
 })  # fmt: skip
-
-
-class HFMask(BlockMask):
-    """What flexmask's mask function hands its attention function: the layer's mask in local
-    coordinates (queries ``0..q_len-1``, keys ``0..kv_len-1``) and its 4-D ``shape``.
-
-    A BlockMask by type only (none of its tables exist): with a static cache, ``generate`` builds
-    every mask before the forward pass, and the model passes a prepared 4-D mask through
-    unchanged only when it is a Tensor or a BlockMask. flexmask's attention function is the one
-    reader of it.
-    """
-
-    def __init__(self, mask: MaskMod, shape: tuple[int, int, int, int]) -> None:
-        self.mask = mask
-        self._shape = shape  # (batch, 1, q_len, kv_len)
-        self._forms: dict[tuple[Any, ...], MaskForms] = {}
-
-    def forms(self, query: Tensor, kv_len: int) -> MaskForms:
-        """The layer's ``MaskForms``, one per input shape and device for the whole forward pass:
-        the first layer builds the dense mask or BlockMask, the others reuse it (this object
-        lives one forward pass, and its mask never changes)."""
-        key = (*query.shape[:3], kv_len, query.device)
-        forms = self._forms.get(key)
-        if forms is None:
-            forms = self._forms[key] = MaskForms(self.mask)
-        return forms
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return self._shape
-
-    @property
-    def ndim(self) -> int:  # models test it to tell a prepared 4-D mask from a 2-D one
-        return 4
-
-    def __repr__(self) -> str:
-        return f"HFMask({self.mask!r}, shape={self._shape})"
 
 
 def register(name: str = "flexmask", *, backend: str = "auto") -> str:
@@ -160,7 +120,7 @@ def register(name: str = "flexmask", *, backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise ValueError(f"register(backend=...) must be one of {BACKENDS}, got {backend!r}.")
     AttentionInterface.register(name, _attention_function(backend))
-    AttentionMaskInterface.register(name, _mask_function)
+    AttentionMaskInterface.register(name, mask_interface)
     _REGISTERED[name] = backend
     return name
 
@@ -178,50 +138,8 @@ def unregister(name: str = "flexmask") -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The mask function and the attention function Transformers calls
+# The attention function Transformers calls (its mask function is hf_mask.mask_interface)
 # --------------------------------------------------------------------------------------------
-
-
-def _mask_function(
-    batch_size: int,
-    q_length: int | None = None,
-    kv_length: int | None = None,
-    q_offset: int | Tensor = 0,
-    kv_offset: int = 0,
-    mask_function: Callable[..., Any] = causal_mask_function,
-    attention_mask: Tensor | None = None,
-    cache_position: Tensor | None = None,
-    **kwargs: Any,
-) -> HFMask:
-    """Transformers' mask-interface call, answered with a flexmask mask (no tensor work here)."""
-    if q_length is None:  # transformers < 5.4 passed the query positions instead
-        if cache_position is None:
-            raise TypeError("flexmask mask function: got neither q_length nor cache_position.")
-        q_length, q_offset = cache_position.shape[0], cache_position[0]
-    if kv_length is None:
-        raise TypeError("flexmask mask function: Transformers passed no kv_length.")
-    # A static cache gives the offset as a tensor: kept one, flex does not recompile per step.
-    offset = int(q_offset)
-    # Transformers' own mask functions as flexmask masks (cached by value); others as callables
-    mask = translate(mask_function) or as_mask(mask_function, name="Transformers' mask_function")
-    # One query after every key (a decode step): causality hides nothing. Not with a tensor
-    # offset (a static cache), whose masks keep one structure so that flex compiles once.
-    last = q_length == 1 and offset >= kv_offset + kv_length - 1
-    if mask == causal() and last and not isinstance(q_offset, Tensor):
-        mask = full()
-    query_free = mask == full()  # reads no query position: their offset changes nothing
-    if attention_mask is not None and not bool(attention_mask.all()):
-        # A 2-D mask pads keys only (Transformers' padding_mask_function); its columns are
-        # absolute key positions. Cross-attention: keys are the encoder's, queries not.
-        frame = kv_offset + kv_length
-        am = attention_mask[:, :frame]
-        if am.shape[1] < frame:  # a static cache longer than the tokens seen: the rest is empty
-            am = torch.nn.functional.pad(am, (0, frame - am.shape[1]), value=False)
-        keys = from_hf_attention_mask(am, keys_only=True)
-        mask = keys if query_free else mask & keys
-    if (isinstance(q_offset, Tensor) or offset or kv_offset) and not (query_free and not kv_offset):
-        mask = shifted(mask, q_offset if isinstance(q_offset, Tensor) else offset, kv_offset)
-    return HFMask(mask, (batch_size, 1, q_length, kv_length))
 
 
 def _attention_function(backend: str) -> Callable[..., tuple[Tensor, None]]:

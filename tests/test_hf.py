@@ -229,12 +229,42 @@ def test_sparse_backend_equals_sdpa_and_trains():
 def test_mask_function_accepts_both_transformers_signatures():
     # transformers >= 5.4 passes q_length/q_offset; before, cache_position (the query positions).
     am = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]).bool()
-    new = hf._mask_function(2, q_length=2, kv_length=5, q_offset=3, attention_mask=am)
-    old = hf._mask_function(2, cache_position=torch.tensor([3, 4]), kv_length=5, attention_mask=am)
+    new = hf.mask_interface(2, q_length=2, kv_length=5, q_offset=3, attention_mask=am)
+    old = hf.mask_interface(2, cache_position=torch.tensor([3, 4]), kv_length=5, attention_mask=am)
     want = fm.to_dense(fm.causal() & fm.from_hf_attention_mask(am), 2, 5, q_offset=3)
     for got in (new, old):
         assert got.shape == (2, 1, 2, 5)
         assert torch.equal(fm.to_dense(got.mask, 2, 5), want)
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("offset", [0, 4, torch.tensor(4)], ids=["none", "int", "tensor"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("fn", ["causal", "bidirectional"])
+def test_the_quick_dense_mask_is_the_expressions(q_len, offset, padded, fn):
+    """The causal-and-padding case builds its dense mask from tensors directly (a decode step
+    spent as long on the expression as on attention); it equals the expression's ``to_dense``,
+    with a static cache's frame longer than the tokens too."""
+    import transformers.masking_utils as mu
+
+    from flexmask.runners import MaskForms
+
+    am = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]]).bool()
+    function = mu.causal_mask_function if fn == "causal" else mu.bidirectional_mask_function
+    kv_len = 9  # a static cache: two slots past the tokens
+    got = hf.mask_interface(2, q_length=q_len, kv_length=kv_len, q_offset=offset,
+                            mask_function=function, attention_mask=am if padded else None)  # fmt: skip
+    assert got._causal_padding is not None
+    q = torch.zeros(2, 4, q_len, 8)
+    forms, generic = got.forms(q, kv_len), MaskForms(got.mask)
+    for s_kv in (kv_len, q_len):  # what dispatch asks, answered without the expression
+        assert (forms.none, forms.causal(q, s_kv)) == (generic.none, generic.causal(q, s_kv))
+    quick = forms.dense(q, kv_len)
+    if generic.none:  # every key visible: no mask for SDPA at all
+        assert quick is None and generic.dense(q, kv_len) is None
+        return
+    want = fm.to_dense(got.mask, q_len, kv_len, batch=2)
+    assert torch.equal(quick.allowed.expand_as(want), want)
 
 
 # -- trust: every feature Transformers' own attention honours, or a clear refusal ---------------
