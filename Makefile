@@ -78,6 +78,7 @@ bench: $(STAMP)  ## attention fwd and fwd+bwd, BlockMask building, memory: BENCH
 	$(PY) benchmarks/attention.py --backward
 	$(PY) benchmarks/block_build.py
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/memory.py --scale
 	$(PY) benchmarks/dispatch.py
 	$(PY) benchmarks/guarantees.py
 	$(PY) benchmarks/score_mods.py
@@ -92,6 +93,7 @@ bench-quick: $(STAMP)  ## the same scripts at small sizes, a smoke run (CI; unde
 	$(PY) benchmarks/attention.py --quick --backward
 	$(PY) benchmarks/block_build.py --quick
 	$(PY) benchmarks/memory.py --quick
+	$(PY) benchmarks/memory.py --quick --scale
 	$(PY) benchmarks/dispatch.py --quick
 	$(PY) benchmarks/guarantees.py --quick
 	$(PY) benchmarks/score_mods.py --quick

@@ -29,6 +29,7 @@ def save(
     RESULTS.mkdir(exist_ok=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": cpu_name(),
+            "cpu_flags": cpu_flags(),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             **meta}  # fmt: skip
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -39,6 +40,23 @@ def save(
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells(r)) + " |" for r in rows]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                "amx_fp16", "asimd", "sve")  # fmt: skip
+"""The CPU features that decide which kernels run (and so which backend is fastest)."""
+
+
+def cpu_flags() -> list[str]:
+    """Which of ``MATMUL_FLAGS`` this CPU has (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in MATMUL_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
 
 
 def cpu_name() -> str:

@@ -81,6 +81,18 @@ def cases(quick: bool) -> list[tuple[str, str, int, Callable[[], object], int]]:
     return out
 
 
+def scale_cases(quick: bool) -> list[tuple[str, str, int, Callable[[], object], int]]:
+    """Training under sliding_window(256) on the sparse path as the sequence grows: its peak
+    should grow as S x window, not S²."""
+    out = []
+    for n in [2048, 4096] if quick else [8192, 16384, 32768]:
+        bm = fm.block_mask(fm.sliding_window(256), n, device="cpu")
+        sparse = functools.partial(fm.sparse_attention, mask=bm)
+        out.append(("attention fwd+bwd sliding_window(256)", "sparse", n,
+                    functools.partial(_train, n, sparse), visited_blocks(bm)))  # fmt: skip
+    return out
+
+
 def builds(n: int) -> dict[str, fm.MaskMod]:
     return {
         "causal": fm.causal(),
@@ -101,6 +113,8 @@ def _train(n: int, attend: Callable) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (CI)")
+    parser.add_argument("--scale", action="store_true",
+                        help="training under a window at 8k-32k tokens: memory_scale.{json,md}")  # fmt: skip
     args = parser.parse_args()
     if not STATUS.exists():
         raise SystemExit("memory.py reads /proc/self/status: Linux only")
@@ -110,19 +124,28 @@ def main() -> None:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     torch._dynamo.config.recompile_limit = 64  # one compiled builder per mask here
-    todo = cases(args.quick)
+    todo = scale_cases(args.quick) if args.scale else cases(args.quick)
     bar, rows = Progress(len(todo)), []
     for what, method, n, fn, blocks in todo:
         bar.step(f"{what} {method} {n}")
         mib = peak_rise_mib(fn)
         rows.append({"what": what, "method": method, "tokens": n, "visited_blocks": blocks,
                      "peak_rise_mib": mib, "kib_per_block": mib * 1024 / blocks})  # fmt: skip
+    if args.scale:
+        first = rows[0]
+        for r in rows:  # growth against the shortest: S x window grows as S
+            r["growth"] = r["peak_rise_mib"] / first["peak_rise_mib"]
+            r["tokens_ratio"] = r["tokens"] / first["tokens"]
+    name = "memory_scale" if args.scale else "memory"
+    growth = ["peak growth (tokens growth)"] if args.scale else []
     save(
-        "memory" + ("_quick" if args.quick else ""), rows,
-        ["what", "tokens", "visited blocks", "method", "peak rise MiB", "KiB per visited block"],
-        "lrrlrr",
+        name + ("_quick" if args.quick else ""), rows,
+        ["what", "tokens", "visited blocks", "method", "peak rise MiB", "KiB per visited block",
+         *growth],
+        "lrrlrr" + "r" * len(growth),
         lambda r: [r["what"], str(r["tokens"]), str(r["visited_blocks"]), r["method"],
-                   f"{r['peak_rise_mib']:.1f}", f"{r['kib_per_block']:.1f}"],
+                   f"{r['peak_rise_mib']:.1f}", f"{r['kib_per_block']:.1f}",
+                   *([f"{r['growth']:.2f}x ({r['tokens_ratio']:.0f}x)"] if args.scale else [])],
     )  # fmt: skip
 
 

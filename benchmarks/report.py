@@ -142,7 +142,7 @@ def main() -> None:
         "# Benchmarks",
         "",
         f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores, {meta['threads']} "
-        f"threads), torch {meta['torch']}, Python {meta['python']}, device `{meta['device']}`; "
+        f"threads, {', '.join(meta.get('cpu_flags', [])) or 'CPU flags not recorded'}), torch {meta['torch']}, Python {meta['python']}, device `{meta['device']}`; "
         f"B·H = {meta['heads']}, head dim {meta['head_dim']}, median of at least {meta['repeats']} "
         f"round-robin repetitions after a warm-up (more for fast cases). Matmul peak of the same "
         f"run: {peaks}. SDPA itself, unmasked, on the shapes the sparse path hands it for a "
@@ -194,6 +194,12 @@ def main() -> None:
         "Peak resident memory rise during one call (after a warm-up call).",
         "",
         table("memory"),
+        "",
+        "Training on the sparse path under `sliding_window(256)` as the sequence grows "
+        "(`python benchmarks/memory.py --scale`; 8 heads of 64, float32): the peak grows as "
+        "S x window, linearly in S.",
+        "",
+        table("memory_scale"),
         "",
         "## Score mods: CPU training under a window",
         "",
