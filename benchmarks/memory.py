@@ -114,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (CI)")
     parser.add_argument("--scale", action="store_true",
-                        help="training under a window at 8k-32k tokens: memory_scale.{json,md}")  # fmt: skip
+                        help="training under a window, 8k-32k tokens: memory_scale.*")  # fmt: skip
     args = parser.parse_args()
     if not STATUS.exists():
         raise SystemExit("memory.py reads /proc/self/status: Linux only")

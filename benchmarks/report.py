@@ -138,11 +138,13 @@ def main() -> None:
     meta = fwd["meta"]
     peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in meta["matmul_peak_gflops"].items())
     sdpa = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in meta["sdpa_block_gflops"].items())
+    flags = ", ".join(meta.get("cpu_flags", [])) or "CPU flags not recorded"
     parts = [
         "# Benchmarks",
         "",
         f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores, {meta['threads']} "
-        f"threads, {', '.join(meta.get('cpu_flags', [])) or 'CPU flags not recorded'}), torch {meta['torch']}, Python {meta['python']}, device `{meta['device']}`; "
+        f"threads, {flags}), torch {meta['torch']}, Python {meta['python']}, device "
+        f"`{meta['device']}`; "
         f"B·H = {meta['heads']}, head dim {meta['head_dim']}, median of at least {meta['repeats']} "
         f"round-robin repetitions after a warm-up (more for fast cases). Matmul peak of the same "
         f"run: {peaks}. SDPA itself, unmasked, on the shapes the sparse path hands it for a "
