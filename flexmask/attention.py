@@ -18,7 +18,8 @@ from ._checks import (
     check_module_input,
 )
 from .cache import KVCache
-from .dispatch import BACKENDS, SPARSE_MAX_DENSITY, Backend, Call, choose
+from .dispatch import BACKENDS, Backend, Call, choose
+from .dispatch import explain as explain_choice
 from .distributed import Sharding
 from .masks import MaskMod, MaskModFn, as_mask, full
 from .rotary import check_rope_theta, rotate, token_positions
@@ -82,7 +83,8 @@ class MultiheadFlexAttention(nn.Module):
             ``(q_block, kv_block)``.
         backend: ``"auto"``, ``"flex"``, ``"sparse"`` or ``"sdpa"``.
         sparse_max_density: ``"auto"``'s threshold on CPU between the sparse path and dense
-            SDPA (default ``SPARSE_MAX_DENSITY``, chosen by ``make bench``).
+            SDPA; default None: measured on this machine per dtype, for inference and training
+            (``flexmask.tuning``; ``SPARSE_MAX_DENSITY`` where measuring is off).
         kernel_options: passed to ``flex_attention`` when flex runs (tile sizes, stages; see
             torch's ``FlexKernelOptions``); the other backends have no kernel options.
 
@@ -110,7 +112,7 @@ class MultiheadFlexAttention(nn.Module):
         score_mod: ScoreModFn | None = None,
         block_size: int | tuple[int, int] = 128,
         backend: str = "auto",
-        sparse_max_density: float = SPARSE_MAX_DENSITY,
+        sparse_max_density: float | None = None,
         kernel_options: dict[str, Any] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -134,7 +136,7 @@ class MultiheadFlexAttention(nn.Module):
         self.score_mod = score_mod
         self.block_size = check_block_sizes(block_size)
         self.backend = backend
-        self.sparse_max_density = float(sparse_max_density)
+        self.sparse_max_density = sparse_max_density
         self.kernel_options = check_kernel_options(
             kernel_options, "MultiheadFlexAttention(kernel_options=...)"
         )
@@ -378,22 +380,29 @@ class MultiheadFlexAttention(nn.Module):
         return _rotate(out, (ar - shift) % s_q) if rotate else out
 
     def backend_for(
-        self, x: Tensor, context: Tensor | None = None, *, mask: MaskModFn | BlockMask | None = None
-    ) -> Backend:
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        mask: MaskModFn | BlockMask | None = None,
+        explain: bool = False,
+    ) -> Backend | str:
         """The backend ``forward(x, context, mask=mask)`` runs now (without a cache): ``"flex"``,
-        ``"sparse"`` or ``"sdpa"`` (what ``backend=`` takes). Depends on autograd being on and
-        on ``train()``/``eval()``."""
+        ``"sparse"`` or ``"sdpa"`` (what ``backend=`` takes); with ``explain``, a sentence
+        saying why (the deciding rule; on CPU the mask's cost against the threshold, and
+        whether that was measured). Depends on autograd being on and on ``train()``/``eval()``."""
         k_src, _ = self._sources(x, context)
         s_kv = k_src.shape[1]
         if mask is not None and not isinstance(mask, BlockMask):
             mask = as_mask(mask, name="backend_for(mask=...)")
         q = torch.empty(x.shape[0], self.num_heads, x.shape[1], 0, device=x.device,
                         dtype=self.q_proj.weight.dtype, requires_grad=x.requires_grad)  # fmt: skip
-        return choose(
-            self.backend,
-            self._call(q, s_kv, decoding=False),
-            _forms(mask, q, s_kv, self.num_heads, self.block_size),
-        )
+        call = self._call(q, s_kv, decoding=False)
+        forms = _forms(mask, q, s_kv, self.num_heads, self.block_size)
+        backend = choose(self.backend, call, forms)
+        if not explain:
+            return backend
+        return explain_choice(call, forms) if self.backend == "auto" else f"{backend}, as asked"
 
     def _call(self, q: Tensor, s_kv: int, *, decoding: bool) -> Call:
         """The facts of this call for ``dispatch.choose``."""

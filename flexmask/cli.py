@@ -1,4 +1,5 @@
-"""The ``flexmask`` command: ``render``, ``describe`` and ``list`` masks written as expressions.
+"""The ``flexmask`` command: ``render``, ``describe`` and ``list`` masks written as expressions;
+``tune`` measures ``auto``'s sparse-or-dense threshold on this machine.
 
 Exit status 0 on success, 2 for bad arguments, a bad expression, work too large for the memory or
 an output path that cannot be written: a one-line message on stderr (after the subcommand's usage
@@ -12,7 +13,9 @@ import inspect
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+import torch
+
+from . import __version__, tuning
 from .diagnose import check, describe
 from .expr import FACTORIES, parse_mask
 from .viz import save_mask_png
@@ -70,7 +73,17 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     listing = sub.add_parser("list", help="print every factory with its meaning")
     listing.set_defaults(run=_list)
-    return parser, {"render": render, "describe": desc, "list": listing}
+
+    tune = sub.add_parser("tune", help="measure auto's sparse-or-dense threshold on this CPU")
+    tune.add_argument(
+        "--show", action="store_true", help="print what was measured; measure nothing"
+    )
+    tune.add_argument(
+        "--dtype", action="append", choices=["float32", "bfloat16", "float16"],
+        help="a dtype to measure (repeatable; default: float32 and bfloat16)",
+    )  # fmt: skip
+    tune.set_defaults(run=_tune)
+    return parser, {"render": render, "describe": desc, "list": listing, "tune": tune}
 
 
 def _problem_args(p: argparse.ArgumentParser) -> None:
@@ -107,6 +120,23 @@ def _list(args: argparse.Namespace) -> None:
     width = max(len(sig) for sig, _ in rows)
     for sig, summary in rows:
         print(f"{sig:<{width}}  {summary}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    if not args.show:
+        if not tuning.enabled():
+            raise ValueError(f"measuring is off ({tuning.TUNING_ENV}=off); unset it to measure.")
+        dtypes = [getattr(torch, name) for name in args.dtype or ["float32", "bfloat16"]]
+        tuning.calibrate(dtypes, log=print)
+    measured = tuning.stored()
+    where = "measured on this machine" if measured else "nothing measured yet (flexmask tune)"
+    print(f"{where}: {tuning.path()}")
+    for dtype, modes in measured.items():
+        for mode, entry in modes.items():
+            won = ", ".join(f"{c['cost']:.2f}: sparse {c['sparse_ms']:.1f} ms / dense "
+                            f"{c['dense_ms']:.1f} ms" for c in entry["cases"])  # fmt: skip
+            print(f"{dtype} {mode}: sparse path up to cost {entry['max_density']:.2f} "
+                  f"(cost: times) {won}")  # fmt: skip
 
 
 def _call(name: str, f: object) -> str:

@@ -16,6 +16,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from . import tuning
 from .runners import MaskForms, backward_tiles_refuse
 from .sparse_plan import plan
 
@@ -24,9 +25,11 @@ __all__ = ["BACKENDS", "SPARSE_MAX_DENSITY", "Backend", "Call", "choose"]
 Backend = Literal["flex", "sdpa", "sparse"]
 BACKENDS: tuple[str, ...] = ("auto", *get_args(Backend))
 SPARSE_MAX_DENSITY = 0.85
-"""``auto`` on CPU runs the sparse path when the BlockMask's visited fraction of blocks (gathered
-blocks counted twice, ``flexmask.sparse.Plan.cost``) is at most this, SDPA with the dense mask
-above it. Chosen from ``benchmarks/dispatch.py`` (BENCHMARKS.md); override it per module with
+"""The cost model: ``auto`` on CPU runs the sparse path when the BlockMask's visited fraction of
+blocks (gathered blocks counted twice, ``flexmask.sparse.Plan.cost``) is at most this, SDPA with
+the dense mask above it. Chosen from ``benchmarks/dispatch.py`` on one machine (BENCHMARKS.md),
+and used only where measuring is off: otherwise ``flexmask.tuning`` measures the threshold on the
+machine that runs (per dtype, inference and training). Override it per module with
 ``MultiheadFlexAttention(sparse_max_density=...)``."""
 FLEX_DTYPES_CPU = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -43,7 +46,7 @@ class Call:
     softmax_only: bool  # sinks or an additive bias: only the explicit softmax applies them
     decoding: bool  # queries after a KV cache (flexmask's, or Transformers' past keys)
     shapes_vary: bool  # a new shape every call (Transformers' growing caches): flex recompiles
-    max_density: float = SPARSE_MAX_DENSITY
+    max_density: float | None = None  # the caller's threshold; None: measured (flexmask.tuning)
     additive_scores: bool = False  # the score_mod adds a bias (alibi, relative_bias): sparse too
 
     @property
@@ -108,15 +111,32 @@ def cpu_decoding(call: Call, forms: MaskForms) -> Backend | None:
 
 def cpu_sparse_or_dense(call: Call, forms: MaskForms) -> Backend | None:
     """On CPU, the sparse path where its cost (blocks visited, gathered ones counted twice) is
-    at most ``max_density``, dense SDPA above: benchmarks/dispatch.py measured it 1.6-3.7x faster
-    than dense SDPA up to a density of 0.79, slower on near-full masks (BENCHMARKS.md)."""
+    at most a threshold measured on this machine for the dtype and mode (``flexmask.tuning``),
+    dense SDPA above: the sparse path wins on sparse masks and loses on near-full ones, and
+    where the two cross depends on the CPU."""
     if not call.on_cpu:
         return None
+    cost = plan_cost(call, forms)
+    if cost is None:
+        return "sdpa"  # one block: nothing to skip, and planning would cost more than SDPA
+    return "sparse" if cost <= sparse_threshold(call)[0] else "sdpa"
+
+
+def plan_cost(call: Call, forms: MaskForms) -> float | None:
+    """The sparse plan's cost (the BlockMask and plan built once, reused by the sparse runner);
+    None for a problem within one block."""
     q_block, kv_block = forms.block_sizes
     if call.q.shape[2] <= q_block and call.s_kv <= kv_block:
-        return "sdpa"  # one block: nothing to skip, and planning would cost more than SDPA
-    cost = plan(forms.block_mask(call.q, call.s_kv)).cost  # both built once, reused by sparse
-    return "sparse" if cost <= call.max_density else "sdpa"
+        return None
+    return plan(forms.block_mask(call.q, call.s_kv)).cost
+
+
+def sparse_threshold(call: Call) -> tuple[float, str]:
+    """``cpu_sparse_or_dense``'s threshold for this call, and where it comes from: the caller's,
+    else measured on this machine for the dtype and mode, else the cost model."""
+    if call.max_density is not None:
+        return call.max_density, "given (sparse_max_density)"
+    return tuning.measured_max_density(call.q.dtype, call.needs_grad, SPARSE_MAX_DENSITY)
 
 
 def accelerator(call: Call, forms: MaskForms) -> Backend | None:
@@ -142,6 +162,23 @@ AUTO: tuple[Rule, ...] = (
     accelerator,
 )
 """``backend="auto"``'s rules, in order: the first that answers decides."""
+
+
+def explain(call: Call, forms: MaskForms) -> str:
+    """Why ``backend="auto"`` chooses what it does for this call: the deciding rule, its reason,
+    and for the sparse-or-dense rule the cost against the threshold and where that comes from."""
+    if forms.dense_only:
+        return "sdpa: a 4-D tensor mask, which only SDPA takes"
+    for rule in AUTO:
+        backend = rule(call, forms)
+        if backend is not None:
+            why = " ".join((rule.__doc__ or "").split())
+            cost = plan_cost(call, forms) if rule is cpu_sparse_or_dense else None
+            if cost is not None:
+                threshold, source = sparse_threshold(call)
+                why += f" Here: cost {cost:.2f}, threshold {threshold:.2f} ({source})."
+            return f"{backend}, by {rule.__name__}: {why}"
+    raise AssertionError("unreachable: the last rule always answers")
 
 
 def choose(requested: str, call: Call, forms: MaskForms) -> Backend:
