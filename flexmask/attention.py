@@ -281,6 +281,14 @@ class MultiheadFlexAttention(nn.Module):
                 "forward(return_qk=True) with a cache is not supported: the scores there see the "
                 "cached keys too; call project(x) and read cache.k for them."
             )
+        if positions is not None and self.score_mod is not None \
+                and score_mods.reads_positions(self.score_mod):  # fmt: skip
+            raise ValueError(
+                f"forward(positions=...) places tokens for the rotary embeddings, but the "
+                f"score_mod {self.score_mod!r} reads query and key indices, which stay the "
+                "tokens' slots (a tree's candidates share positions, not slots): its distances "
+                "would be wrong. Use rotary positions without a positional score_mod."
+            )
         if sharding is not None:
             distributed.check_module_call(self, sharding, group, mask, context, cache, return_qk)
             if positions is None and self.rope_theta is not None:

@@ -24,6 +24,9 @@ class ScoreMod:
     """True when the mod adds a term that does not depend on the score (``score + f(b, h, q_idx,
     kv_idx)``): the sparse path then adds ``f`` as a bias on each run of visited blocks."""
 
+    reads_positions: bool = True
+    """Whether the mod reads ``q_idx`` or ``kv_idx`` (False only where known: ``softcap``)."""
+
     def tensors(self) -> tuple[Tensor, ...]:
         """The tensors ``f`` reads whose gradients must reach them (``relative_bias``'s table)."""
         return ()
@@ -85,6 +88,8 @@ def alibi(num_heads: int) -> ScoreMod:
 
 
 class _Softcap(ScoreMod):
+    reads_positions = False
+
     def __init__(self, cap: float) -> None:
         self.cap = cap
 
@@ -177,6 +182,7 @@ class _Compose(ScoreMod):
     def __init__(self, mods: tuple[ScoreMod, ...]) -> None:
         self.mods = mods
         self.additive = all(is_additive(mod) for mod in mods)
+        self.reads_positions = any(reads_positions(mod) for mod in mods)
 
     def tensors(self) -> tuple[Tensor, ...]:
         return tuple(t for mod in self.mods if isinstance(mod, ScoreMod) for t in mod.tensors())
@@ -241,6 +247,12 @@ def queries_from(score_mod: Callable[..., Tensor], start: Tensor) -> ScoreMod:
     (``start [B]``: the tokens a KV cache held before the call). Without it, a relative bias
     would measure a decode step's distances from position 0."""
     return _QueriesFrom(score_mod, start)
+
+
+def reads_positions(score_mod: object) -> bool:
+    """Whether ``score_mod`` may read the query and key indices: True for a plain function,
+    whose body flexmask cannot see."""
+    return not isinstance(score_mod, ScoreMod) or score_mod.reads_positions
 
 
 def is_additive(score_mod: object) -> bool:

@@ -267,3 +267,18 @@ def test_score_pictures_show_the_weights_after_the_mod(tmp_path):
     assert path.stat().st_size > 0
     with pytest.raises(TypeError, match=r"save_scores_png\(score_mod=...\) must be a callable"):
         fm.save_scores_png(q, k, tmp_path / "x.png", score_mod=3)
+
+
+def test_rotary_positions_with_a_positional_score_mod_are_refused():
+    """forward(positions=...) places tokens for rotary embeddings only; a score_mod reading
+    q_idx/kv_idx would see slots, not those positions (a tree's candidates), so it is refused;
+    soft-capping reads no position and is allowed."""
+    x = torch.randn(1, 6, E)
+    positions = torch.tensor([0, 1, 2, 2, 3, 3])  # a tree: siblings share a position
+    for mod in (fm.alibi(H), fm.compose(fm.softcap(5.0), fm.relative_bias(torch.zeros(H, 3))),
+                lambda s, b, h, q, kv: s):  # fmt: skip
+        attn = fm.MultiheadFlexAttention(E, H, rope_theta=10000.0, score_mod=mod)
+        with pytest.raises(ValueError, match=r"reads query and key indices"):
+            attn(x, mask=fm.causal(), positions=positions)
+    capped = fm.MultiheadFlexAttention(E, H, rope_theta=10000.0, score_mod=fm.softcap(5.0))
+    assert capped(x, mask=fm.causal(), positions=positions).shape == x.shape
