@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from flexmask.tuning import cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -57,14 +59,3 @@ def cpu_flags() -> list[str]:
     except OSError:
         pass
     return []
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -35,7 +35,7 @@ from .runners import masked_sdpa
 from .sparse import sparse_attention
 from .sparse_plan import plan
 
-__all__ = ["TUNING_ENV", "calibrate", "enabled", "measured_max_density", "stored"]
+__all__ = ["TUNING_ENV", "calibrate", "cpu_name", "enabled", "measured_max_density", "stored"]
 
 TUNING_ENV = "FLEXMASK_TUNING"
 TOKENS, HEADS, HEAD_DIM = 2048, 8, 64
@@ -50,7 +50,7 @@ def enabled() -> bool:
 
 def machine() -> dict[str, Any]:
     """What a measurement is valid for."""
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__}
 
 
 def path() -> Path:
@@ -164,7 +164,8 @@ def _store(results: dict[str, Any]) -> None:
     _LOADED[str(target)] = results
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
