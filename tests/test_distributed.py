@@ -201,3 +201,15 @@ def check_torch_context_parallel(rank: int, world: int) -> None:
 @pytest.mark.slow
 def test_torch_context_parallel_takes_flexmask_masks():
     spawn("check_torch_context_parallel", 2)
+
+
+def test_left_padding_counts_from_the_end_of_the_whole_sequence():
+    """padding(side="left") counts from the end of the sequence: each rank's chunk is bound to
+    the whole sequence's frame, not to the chunk's."""
+    lengths = [S, 300]
+    mask = fm.causal() & fm.padding(lengths, side="left")
+    dense = (ref.causal(S, S) & ref.padding(S, S, lengths, side="left"))[:, None]
+    for sharding in (Contiguous(S, 4), HeadTail(S, 4)):
+        for rank in range(4):
+            bm = sharding.block_mask(mask, rank, block_size=BLOCK, device="cpu")
+            assert torch.equal(fm.block_mask_to_dense(bm), dense[:, :, sharding.positions(rank)])
