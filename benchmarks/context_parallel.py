@@ -26,25 +26,29 @@ from _results import save
 from memory import STATUS, peak_rise_mib
 
 import flexmask as fm
-from flexmask.distributed import Contiguous, HeadTail
+from flexmask.distributed import Contiguous, HeadTail, PerDocumentHeadTail, Sharding
 
 HEADS, HEAD_DIM = 8, 64
 
 
-def masks(n: int) -> dict[str, fm.MaskMod]:
+def masks(n: int) -> dict[str, tuple[fm.MaskMod, list[int] | None]]:
+    """Each mask with its document lengths (None: not packed)."""
     uneven = [n * 3 // 8, n * 5 // 16, n * 3 // 16, n // 8]  # 4 documents of unequal lengths
     return {
-        "causal": fm.causal(),
-        "8 equal documents & causal": fm.packed([n // 8] * 8) & fm.causal(),
-        "4 unequal documents & causal": fm.packed(uneven) & fm.causal(),
+        "causal": (fm.causal(), None),
+        "8 equal documents & causal": (fm.packed([n // 8] * 8) & fm.causal(), [n // 8] * 8),
+        "4 unequal documents & causal": (fm.packed(uneven) & fm.causal(), uneven),
     }
 
 
 def load_rows(n: int) -> list[dict]:
     rows = []
-    for name, mask in masks(n).items():
+    for name, (mask, documents) in masks(n).items():
         for world in (2, 4, 8):
-            for sharding in (Contiguous(n, world), HeadTail(n, world)):
+            shardings: list[Sharding] = [Contiguous(n, world), HeadTail(n, world)]
+            if documents is not None:
+                shardings.append(PerDocumentHeadTail(documents, world))
+            for sharding in shardings:
                 load = sharding.load(mask).double()
                 rows.append({"what": f"load, {name}", "tokens": n, "world": world,
                              "sharding": type(sharding).__name__,

@@ -17,6 +17,7 @@ Memory: each rank holds the whole sequence's keys and values (``O(S_local x S)``
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -33,35 +34,34 @@ from .masks.leaf import Wrapper, declared
 from .runners import RUNNERS, MaskForms, Options
 from .sparse import check_qkv
 
-__all__ = ["Contiguous", "HeadTail", "Sharding", "attention"]
+__all__ = ["Contiguous", "HeadTail", "PerDocumentHeadTail", "Sharding", "attention"]
 
 
 class Sharding:
-    """Which global positions each of ``world_size`` ranks holds: ``chunks_of(rank)`` among
-    ``parts`` equal chunks of ``seq_len``."""
-
-    parts_per_rank = 1
+    """Which global positions each of ``world_size`` ranks holds: ``segments_of(rank)``, runs of
+    consecutive positions ``(start, length)``, the same number of positions on every rank."""
 
     def __init__(self, seq_len: int, world_size: int) -> None:
-        name = type(self).__name__
-        self.seq_len = check_int(seq_len, f"{name}(seq_len=...)")
-        self.world_size = check_int(world_size, f"{name}(world_size=...)")
-        parts = self.world_size * self.parts_per_rank
-        if self.seq_len % parts:
+        self.seq_len = check_int(seq_len, f"{type(self).__name__}(seq_len=...)")
+        self.world_size = check_int(world_size, f"{type(self).__name__}(world_size=...)")
+
+    def _split(self, length: int, parts: int, what: str) -> int:
+        """``length / parts``, or a ValueError saying why the split is impossible."""
+        if length % parts:
             raise ValueError(
-                f"{name}(seq_len={seq_len}, world_size={world_size}) splits the sequence into "
-                f"{parts} equal chunks, but {seq_len} is not a multiple of {parts}; pad the "
-                "sequence (and mask the padding) to a multiple."
+                f"{self!r} splits {what} into {parts} equal chunks, but {length} is not a "
+                f"multiple of {parts}; pad it (and mask the padding) to a multiple."
             )
-        self.chunk = self.seq_len // parts
+        return length // parts
 
     @property
     def local_len(self) -> int:
         """Positions each rank holds."""
         return self.seq_len // self.world_size
 
-    def chunks_of(self, rank: int) -> list[int]:
-        """The chunks rank ``rank`` holds, in its local order."""
+    def segments_of(self, rank: int) -> list[tuple[int, int]]:
+        """The runs ``(start, length)`` of global positions rank ``rank`` holds, in its local
+        order (ascending)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -83,10 +83,7 @@ class Sharding:
     def positions(self, rank: int) -> Tensor:
         """The global positions rank ``rank`` holds, in its local order (ascending):
         ``LongTensor[local_len]``."""
-        c = self.chunk
-        return torch.cat(
-            [torch.arange(i * c, (i + 1) * c) for i in self.chunks_of(self._rank(rank))]
-        )
+        return torch.cat([torch.arange(a, a + n) for a, n in self.segments_of(self._rank(rank))])
 
     def shard(self, t: Tensor, dim: int, rank: int) -> Tensor:
         """Rank ``rank``'s slice of ``t`` along ``dim`` (the whole sequence there)."""
@@ -97,8 +94,7 @@ class Sharding:
                 f"{self!r}.shard: t has {t.shape[dim]} positions along dim {dim}, not "
                 f"{self.seq_len}; shard the whole sequence."
             )
-        c = self.chunk
-        pieces = [t.narrow(dim, i * c, c) for i in self.chunks_of(self._rank(rank))]
+        pieces = [t.narrow(dim, a, n) for a, n in self.segments_of(self._rank(rank))]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
     def unshard(self, t_local: Tensor, dim: int, group: Any = None) -> Tensor:
@@ -114,11 +110,13 @@ class Sharding:
                 f"not this sharding's {self.local_len} per rank."
             )
         gathered = _AllGather.apply(t_local.movedim(dim, 0), group)  # [W, S_local, ...]
-        c, parts = self.chunk, {}
+        pieces = {}
         for rank in range(self.world_size):
-            for j, i in enumerate(self.chunks_of(rank)):
-                parts[i] = gathered[rank, j * c : (j + 1) * c]
-        return torch.cat([parts[i] for i in sorted(parts)]).movedim(0, dim)
+            at = 0
+            for a, n in self.segments_of(rank):
+                pieces[a] = gathered[rank, at : at + n]
+                at += n
+        return torch.cat([pieces[a] for a in sorted(pieces)]).movedim(0, dim)
 
     def load(self, mask: MaskModFn, *, batch: int | None = None, heads: int = 1) -> Tensor:
         """The allowed ``(q, kv)`` pairs of each rank's queries, summed over batch rows (and
@@ -126,14 +124,16 @@ class Sharding:
         from the mask's structure; only undecided tiles are evaluated, never ``S x S`` at once."""
         m = as_mask(mask, name=f"{self!r}.load(mask)")
         rows = resolve_batch(m, batch) or 1
-        per_chunk = torch.zeros(self.seq_len // self.chunk, dtype=torch.long)
+        segments = [self.segments_of(r) for r in range(self.world_size)]
+        tile = math.gcd(*(x for segs in segments for seg in segs for x in seg))
+        per_tile = torch.zeros(self.seq_len // tile, dtype=torch.long)
         for b in range(rows):
             for h in range(heads if m.uses_heads else 1):
-                counts = tile_counts(m, self.seq_len, self.seq_len, (self.chunk, 128), b=b, h=h)
-                per_chunk += counts.sum(-1).cpu()
-        scale = 1 if m.uses_heads else heads
-        return torch.stack([per_chunk[self.chunks_of(r)].sum() for r in range(self.world_size)]) \
-            * scale  # fmt: skip
+                counts = tile_counts(m, self.seq_len, self.seq_len, (tile, 128), b=b, h=h)
+                per_tile += counts.sum(-1).cpu()
+        loads = [sum(int(per_tile[a // tile : (a + n) // tile].sum()) for a, n in segs)
+                 for segs in segments]  # fmt: skip
+        return torch.tensor(loads) * (1 if m.uses_heads else heads)
 
     def block_mask(
         self,
@@ -146,21 +146,22 @@ class Sharding:
         device: torch.device | str | None = None,
     ) -> BlockMask:
         """The BlockMask of rank ``rank``'s queries (``local_len``) against every key
-        (``seq_len``): ``mask`` at the rank's global query positions, one chunk at a time from
+        (``seq_len``): ``mask`` at the rank's global query positions, one segment at a time from
         its tile bounds. Its ``mask_mod`` takes local query indices."""
         m = as_mask(mask, name=f"{self!r}.block_mask(mask)")
         q_block, _ = sizes = check_block_sizes(block_size)
-        if self.chunk % q_block:
+        segments = self.segments_of(self._rank(rank))
+        if any(n % q_block for _, n in segments):
+            lengths = sorted({n for _, n in segments})
             raise ValueError(
-                f"{self!r}: its chunks of {self.chunk} positions must be whole query blocks, "
-                f"but block_size gives {q_block}; use a block_size that divides {self.chunk}, or a "
-                "longer sequence."
+                f"{self!r}: its chunks of {', '.join(map(str, lengths))} positions must be whole "
+                f"query blocks, but block_size gives {q_block}; use a block_size that divides "
+                "them, or a longer sequence."
             )
         dev = resolve_device(m, device)
         m = placed(m, dev).bind(self.seq_len, self.seq_len)  # the global frame, once
-        chunks = self.chunks_of(self._rank(rank))
-        built = [block_mask(shifted(m, i * self.chunk), self.chunk, self.seq_len, batch=batch,
-                            heads=heads, block_size=sizes, device=dev) for i in chunks]  # fmt: skip
+        built = [block_mask(shifted(m, a), n, self.seq_len, batch=batch, heads=heads,
+                            block_size=sizes, device=dev) for a, n in segments]  # fmt: skip
         if len(built) == 1:
             return built[0]
         kinds = torch.cat([block_kinds(bm) for bm in built], dim=2)
@@ -191,8 +192,12 @@ class Contiguous(Sharding):
         [4, 5, 6, 7]
     """
 
-    def chunks_of(self, rank: int) -> list[int]:
-        return [rank]
+    def __init__(self, seq_len: int, world_size: int) -> None:
+        super().__init__(seq_len, world_size)
+        self._chunk = self._split(self.seq_len, self.world_size, "the sequence")
+
+    def segments_of(self, rank: int) -> list[tuple[int, int]]:
+        return [(rank * self._chunk, self._chunk)]
 
 
 class HeadTail(Sharding):
@@ -208,10 +213,52 @@ class HeadTail(Sharding):
         [2097664, 2097664, 2097664, 2097664]
     """
 
-    parts_per_rank = 2
+    def __init__(self, seq_len: int, world_size: int) -> None:
+        super().__init__(seq_len, world_size)
+        self._chunk = self._split(self.seq_len, 2 * self.world_size, "the sequence")
 
-    def chunks_of(self, rank: int) -> list[int]:
-        return [rank, 2 * self.world_size - 1 - rank]
+    def segments_of(self, rank: int) -> list[tuple[int, int]]:
+        c, last = self._chunk, 2 * self.world_size - 1
+        return [(rank * c, c), ((last - rank) * c, c)]
+
+
+class PerDocumentHeadTail(Sharding):
+    """``HeadTail`` inside every document of a packed sequence: rank ``r`` holds chunks ``r``
+    and ``2W - 1 - r`` of each document's ``2W``. Under ``packed(lengths) & causal()`` every rank
+    then attends to the same number of pairs, however unequal the documents (plain ``HeadTail``
+    is off by 1.6x for four unequal documents on four ranks); torch's
+    ``_PerDocumentHeadTailLoadBalancer`` splits the same way.
+
+    Example:
+        >>> import flexmask as fm
+        >>> sharding = fm.distributed.PerDocumentHeadTail([8, 4], 2)
+        >>> sharding.positions(0).tolist()
+        [0, 1, 6, 7, 8, 11]
+        >>> sharding.load(fm.packed([8, 4]) & fm.causal()).tolist()
+        [23, 23]
+    """
+
+    def __init__(self, lengths: list[int], world_size: int) -> None:
+        if not isinstance(lengths, (list, tuple)) or not lengths:
+            raise TypeError(
+                "PerDocumentHeadTail(lengths=...) needs a non-empty list of document lengths, "
+                f"got {lengths!r}."
+            )
+        self.lengths = [check_int(n, "PerDocumentHeadTail(lengths=[...])") for n in lengths]
+        super().__init__(sum(self.lengths), world_size)
+        for n in self.lengths:
+            self._split(n, 2 * self.world_size, f"a document of {n} tokens")
+
+    def __repr__(self) -> str:
+        return f"PerDocumentHeadTail(lengths={self.lengths}, world_size={self.world_size})"
+
+    def segments_of(self, rank: int) -> list[tuple[int, int]]:
+        out, start, last = [], 0, 2 * self.world_size - 1
+        for n in self.lengths:
+            c = n // (2 * self.world_size)
+            out += [(start + rank * c, c), (start + (last - rank) * c, c)]
+            start += n
+        return out
 
 
 @declared

@@ -11,11 +11,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import flexmask as fm
-from flexmask.distributed import Contiguous, HeadTail
+from flexmask.distributed import Contiguous, HeadTail, PerDocumentHeadTail
 from tests import reference as ref
 
 S, H, H_KV, D, BLOCK = 512, 4, 2, 16, 64
 DOCS = [100, 156, 128, 128]  # 4 documents, boundaries off the blocks
+SPLITTABLE = [128, 128, 256]  # documents PerDocumentHeadTail splits into 2W chunks of 16k
 
 
 def cases():
@@ -68,6 +69,23 @@ def check_attention(rank: int, world: int) -> None:
                 )
 
 
+def check_per_document(rank: int, world: int) -> None:
+    """PerDocumentHeadTail: each rank's output and gradients equal the whole sequence's slice."""
+    mask = fm.packed(SPLITTABLE) & fm.causal()
+    dense = (ref.packed(S, S, SPLITTABLE) & ref.causal(S, S))[None]
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, seed = (torch.randn(1, H_KV, S, D, generator=gen) for _ in range(4))
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    want = ref.attention(*leaves, dense)
+    wants = torch.autograd.grad((want * seed.double()).sum(), leaves)
+    sharding = PerDocumentHeadTail(SPLITTABLE, world)
+    local = [sharding.shard(t, 2, rank).requires_grad_() for t in (q, k, v)]
+    out = fm.distributed.attention(*local, mask, sharding=sharding, block_size=16)
+    grads = torch.autograd.grad((out * sharding.shard(seed, 2, rank)).sum(), local)
+    for got, full in zip((out, *grads), (want, *wants), strict=True):
+        assert (got.double() - sharding.shard(full, 2, rank)).abs().max() <= 1e-5, rank
+
+
 def check_module(rank: int, world: int) -> None:
     """The module with rotary positions: each rank's output is the whole run's slice, and the
     weights' gradients summed over the ranks are the whole run's."""
@@ -90,7 +108,11 @@ def check_module(rank: int, world: int) -> None:
 
 def check_unshard(rank: int, world: int) -> None:
     t = torch.arange(2 * S, dtype=torch.float64).view(2, S)
-    for sharding in (Contiguous(S, world), HeadTail(S, world)):
+    for sharding in (
+        Contiguous(S, world),
+        HeadTail(S, world),
+        PerDocumentHeadTail(SPLITTABLE, world),
+    ):
         local = sharding.shard(t, 1, rank).requires_grad_()
         whole = sharding.unshard(local, 1)
         assert torch.equal(whole, t)
@@ -101,6 +123,11 @@ def check_unshard(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_attention_equals_the_whole_sequence(world):
     spawn("check_attention", world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_per_document_sharding_equals_the_whole_sequence(world):
+    spawn("check_per_document", world)
 
 
 def test_the_module_runs_sharded():
@@ -115,7 +142,7 @@ def test_positions_and_shards():
     assert HeadTail(16, 4).positions(1).tolist() == [2, 3, 12, 13]
     assert Contiguous(16, 4).positions(3).tolist() == [12, 13, 14, 15]
     t = torch.arange(16)
-    for sharding in (Contiguous(16, 4), HeadTail(16, 4)):
+    for sharding in (Contiguous(16, 4), HeadTail(16, 4), PerDocumentHeadTail([8, 8], 4)):
         held = torch.cat([sharding.shard(t, 0, r) for r in range(4)])
         assert sorted(held.tolist()) == list(range(16))  # every position once
         assert all(torch.equal(sharding.shard(t, 0, r), sharding.positions(r)) for r in range(4))
@@ -131,11 +158,22 @@ def test_head_tail_balances_causal_and_contiguous_does_not(world):
     assert int(head_tail.sum()) == int(contiguous.sum()) == total
 
 
+def test_per_document_head_tail_balances_unequal_documents():
+    lengths = [6144, 5120, 3072, 2048]
+    mask = fm.packed(lengths) & fm.causal()
+    for world in (2, 4, 8):
+        per_doc = PerDocumentHeadTail(lengths, world).load(mask).double()
+        head_tail = HeadTail(sum(lengths), world).load(mask).double()
+        assert float(per_doc.max() / per_doc.mean()) <= 1.05
+        assert int(per_doc.sum()) == int(head_tail.sum()) == sum(n * (n + 1) // 2 for n in lengths)
+    assert float(head_tail.max() / head_tail.mean()) > 1.4  # what it fixes (8 ranks)
+
+
 def test_load_counts_pairs_per_rank_from_the_oracle():
     lengths = [S, 300]
     mask = fm.causal() & fm.padding(lengths)
     dense = ref.causal(S, S) & ref.padding(S, S, lengths)  # [2, S, S]
-    for sharding in (Contiguous(S, 4), HeadTail(S, 4)):
+    for sharding in (Contiguous(S, 4), HeadTail(S, 4), PerDocumentHeadTail(SPLITTABLE, 4)):
         want = [int(dense[:, sharding.positions(r)].sum()) for r in range(4)]
         assert sharding.load(mask).tolist() == want
 
@@ -143,10 +181,10 @@ def test_load_counts_pairs_per_rank_from_the_oracle():
 @pytest.mark.parametrize("name", [c[0] for c in cases()])
 def test_rank_block_masks_are_the_oracle_rows(name):
     _, mask, dense, batch = next(c for c in cases() if c[0] == name)
-    for sharding in (Contiguous(S, 4), HeadTail(S, 4)):
+    for sharding in (Contiguous(S, 4), HeadTail(S, 4), PerDocumentHeadTail(SPLITTABLE, 4)):
         for rank in range(4):
             bm = sharding.block_mask(mask, rank, batch=batch if batch > 1 else None,
-                                     block_size=BLOCK, device="cpu")  # fmt: skip
+                                     block_size=16, device="cpu")  # fmt: skip
             got = fm.block_mask_to_dense(bm)
             assert torch.equal(got, dense[:, :, sharding.positions(rank)].expand_as(got))
 
@@ -155,6 +193,9 @@ def test_rank_block_masks_are_the_oracle_rows(name):
     ("call", "error", "message"),
     [
         (lambda: HeadTail(100, 4), ValueError, r"not a multiple of 8"),
+        (lambda: PerDocumentHeadTail([64, 62], 2), ValueError,
+         r"a document of 62 tokens into 4 equal chunks"),
+        (lambda: PerDocumentHeadTail(64, 2), TypeError, r"list of document lengths"),
         (lambda: Contiguous(64, 0), ValueError, r"world_size"),
         (lambda: HeadTail(512, 4).block_mask(fm.causal(), 0, block_size=128), ValueError,
          r"chunks of 64 positions must be whole query blocks"),
