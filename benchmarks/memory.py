@@ -36,6 +36,18 @@ def _kib(field: str) -> int:
     return int(match.group(1))
 
 
+def honest_peaks(script: str) -> None:
+    """Make this process's peaks measurable, or exit saying why: Linux only (``/proc``), and a
+    fixed glibc mmap threshold (set by re-executing the script, which child processes inherit):
+    big buffers are mapped and unmapped, never kept by malloc for reuse, so a measured call's
+    peak shows its own allocations."""
+    if not STATUS.exists():
+        raise SystemExit(f"{script} reads /proc/self/status for peak memory: Linux only")
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def peak_rise_mib(fn: Callable[[], object]) -> float:
     """MiB the resident-memory peak rises above the current resident memory while ``fn`` runs
     (its result is dropped afterwards)."""
@@ -116,13 +128,7 @@ def main() -> None:
     parser.add_argument("--scale", action="store_true",
                         help="training under a window, 8k-32k tokens: memory_scale.*")  # fmt: skip
     args = parser.parse_args()
-    if not STATUS.exists():
-        raise SystemExit("memory.py reads /proc/self/status: Linux only")
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":
-        # A fixed glibc mmap threshold: big buffers are mapped and unmapped, never kept by
-        # malloc for reuse, so the second (measured) call's peak shows its own allocations.
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    honest_peaks("memory.py")
     torch._dynamo.config.recompile_limit = 64  # one compiled builder per mask here
     todo = scale_cases(args.quick) if args.scale else cases(args.quick)
     bar, rows = Progress(len(todo)), []

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 from collections.abc import Callable
 
 import torch
 from _results import save
 from harness import Progress, attention_flops, matmul_peak, measure
-from memory import STATUS, peak_rise_mib
+from memory import honest_peaks, peak_rise_mib
 
 import flexmask as fm
 from flexmask.evaluation import block_kinds
@@ -51,11 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (CI)")
     args = parser.parse_args()
-    if not STATUS.exists():
-        raise SystemExit("score_mods.py reads /proc/self/status for peak memory: Linux only")
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":  # as memory.py: honest peaks
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    honest_peaks("score_mods.py")
     n, window = (1024, 64) if args.quick else (8192, 256)
     mask = fm.sliding_window(window)
     kinds = block_kinds(fm.block_mask(mask, n, device="cpu"))

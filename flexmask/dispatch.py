@@ -169,15 +169,21 @@ def explain(call: Call, forms: MaskForms) -> str:
     and for the sparse-or-dense rule the cost against the threshold and where that comes from."""
     if forms.dense_only:
         return "sdpa: a 4-D tensor mask, which only SDPA takes"
+    rule, backend = _deciding_rule(call, forms)
+    why = " ".join((rule.__doc__ or "").split())
+    cost = plan_cost(call, forms) if rule is cpu_sparse_or_dense else None
+    if cost is not None:
+        threshold, source = sparse_threshold(call)
+        why += f" Here: cost {cost:.2f}, threshold {threshold:.2f} ({source})."
+    return f"{backend}, by {rule.__name__}: {why}"
+
+
+def _deciding_rule(call: Call, forms: MaskForms) -> tuple[Rule, Backend]:
+    """The first ``AUTO`` rule that answers, and its answer."""
     for rule in AUTO:
         backend = rule(call, forms)
         if backend is not None:
-            why = " ".join((rule.__doc__ or "").split())
-            cost = plan_cost(call, forms) if rule is cpu_sparse_or_dense else None
-            if cost is not None:
-                threshold, source = sparse_threshold(call)
-                why += f" Here: cost {cost:.2f}, threshold {threshold:.2f} ({source})."
-            return f"{backend}, by {rule.__name__}: {why}"
+            return rule, backend
     raise AssertionError("unreachable: the last rule always answers")
 
 
@@ -193,11 +199,7 @@ def choose(requested: str, call: Call, forms: MaskForms) -> Backend:
     if forms.dense_only:  # whatever was asked: a 4-D tensor mask has no blocks for flex or sparse
         return "sdpa"
     if requested == "auto":
-        for rule in AUTO:
-            backend = rule(call, forms)
-            if backend is not None:
-                return backend
-        raise AssertionError("unreachable: the last rule always answers")
+        return _deciding_rule(call, forms)[1]
     if requested == "sparse" and not call.sparse_runs:
         raise ValueError(
             "backend='sparse' runs SDPA on the visited blocks: it adds the additive score_mods "
