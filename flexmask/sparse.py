@@ -189,7 +189,7 @@ def _attend_runs(
             qg = _take(q_rows[run.row], run.qb, run.q_view, qbs)
         kg = _take(k_rows[run.row], blocks, run.kv_view, kvbs)
         vg = _take(v_rows[run.row], blocks, run.kv_view, kvbs)
-        attn_mask = run.attn_mask(q_rows.dtype)
+        attn_mask, causal = run.attn_mask(q_rows.dtype), run.causal
         with torch.enable_grad() if graphs is not None else contextlib.nullcontext():
             b = b_used = None if bias is None else bias.of(run, sizes, q_rows.dtype)
             if graphs is not None:
@@ -197,9 +197,12 @@ def _attend_runs(
                 if b is not None and b.requires_grad:  # the bias's gradient, then the table's
                     b_used = b.detach().requires_grad_()
             if b_used is not None:
+                if causal:  # SDPA takes a mask or is_causal, not both
+                    attn_mask = _causal_additive(qg.shape[-2], q_rows.dtype, qg.device)
+                    causal = False
                 attn_mask = b_used if attn_mask is None else b_used + attn_mask
-            out = attend(qg, kg, vg, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale,
-                         enable_gqa=gqa)  # fmt: skip
+            out = attend(qg, kg, vg, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal,
+                         scale=scale, enable_gqa=gqa)  # fmt: skip
             if run.blind is not None:  # queries that see no key: zeros, and zero gradients
                 out = out.masked_fill(run.blind, 0.0)
         if graphs is not None:
@@ -216,12 +219,19 @@ def _attend_runs(
     return result.index_copy(0, plan.order, torch.cat(outs))
 
 
+def _causal_additive(length: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``is_causal`` as an additive mask ``[length, length]``: -inf above the diagonal."""
+    above = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros((), dtype=dtype, device=device).masked_fill(above, float("-inf"))
+
+
 def _explicit_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     attn_mask: Tensor | None,
     dropout_p: float,
+    is_causal: bool,
     scale: float | None,
     enable_gqa: bool,
 ) -> Tensor:
@@ -230,6 +240,8 @@ def _explicit_attention(
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        scores = scores + _causal_additive(q.shape[-2], scores.dtype, scores.device)
     if attn_mask is not None:  # additive, and no row is all -inf (blind rows are opened)
         scores = scores + attn_mask
     return torch.softmax(scores, dim=-1) @ v

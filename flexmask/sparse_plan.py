@@ -1,6 +1,11 @@
 """The sparse path's plan: how a BlockMask's visited blocks are grouped into runs that one SDPA
 call each computes (strided views where the blocks allow, gathers elsewhere), with the element
-masks of partial blocks; built once per BlockMask and cached."""
+masks of partial blocks; built once per BlockMask and cached.
+
+A *causal square* (query blocks ``a..b-1`` seeing exactly key blocks ``a..`` their own, causally:
+a document of a packed causal batch) is one run computed by SDPA's ``is_causal``, with no element
+mask: measured 1.2-1.3x faster than the same blocks as masked runs (8 documents of 1024, float32,
+CPU)."""
 
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ class Run:
     allowed: Tensor | None  # [n, 1, qbs, c*kvbs] with blind queries opened; None: all full
     blind: Tensor | None  # [n, 1, qbs, 1] queries that see no key, None when there are none
     merged: bool  # rows computed as one query sequence; allowed, blind: [1, 1, n*qbs, ...]
+    causal: bool = False  # a causal square: merged, keys = its queries' blocks, SDPA is_causal
     additive: dict[torch.dtype, Tensor] = field(default_factory=dict)
 
     def attn_mask(self, dtype: torch.dtype) -> Tensor | None:
@@ -88,7 +94,14 @@ def _make_plan(bm: BlockMask) -> Plan:
     contiguous = last - first + 1 == counts
     runs, done = [], []
     for r in range(mb * mh):
-        for qb, blocks in _runs(visited[r], counts[r], first[r], contiguous[r]):
+        rest = visited[r].clone()  # the rows no causal square took
+        for a, b in _causal_squares(bm, flat[r], r, first[r], counts[r], contiguous[r], mh):
+            qb = torch.arange(a, b, device=kinds.device)
+            blocks = qb[None, :].expand(b - a, -1)  # every row names the square's keys
+            runs.append(Run(r, qb, (a, 1), blocks, (a, 0), None, None, merged=True, causal=True))
+            done.append(r * nqb + qb)
+            rest[a:b] = False
+        for qb, blocks in _runs(rest, rest.sum(-1), first[r], contiguous[r]):
             allowed = _element_mask(bm, flat[r], r, qb, blocks, mh)
             blind = None
             if allowed is not None:
@@ -113,6 +126,60 @@ def _make_plan(bm: BlockMask) -> Plan:
     gathered = sum(n for n, run in zip(sizes, runs, strict=True) if run.kv_view is None) / total
     density = float(visited.float().mean()) if visited.numel() else 0.0
     return Plan((mb, mh, nqb, nkvb), runs, order, density, gathered)
+
+
+CAUSAL_SQUARE_MAX_TOKENS = 2048
+"""The longest causal square: with a score_mod, its bias and causal mask span the whole square
+(L x L per head), so longer ones are left to the masked runs."""
+
+
+def _causal_squares(
+    bm: BlockMask, kinds: Tensor, row: int, first: Tensor, counts: Tensor, contiguous: Tensor,
+    mask_heads: int,
+) -> list[tuple[int, int]]:  # fmt: skip
+    """Query blocks ``a..b-1`` of mask row ``row`` (``kinds``: its ``[QB, KVB]`` classes) where
+    block ``j`` visits key blocks ``a..j``, all full but the diagonal, whose elements are exactly
+    causal (``kv <= q``) on every real query: SDPA's ``is_causal`` on the square computes them."""
+    qbs, kvbs = bm.BLOCK_SIZE
+    s_q, s_kv = bm.seq_lengths
+    nqb, nkvb = kinds.shape
+    if qbs != kvbs:
+        return []
+    j = torch.arange(min(nqb, nkvb), device=kinds.device)
+    diagonal = kinds[j, j] == 1
+    below_full = (kinds[: len(j), : len(j)] == 2).tril(-1).sum(-1) == j - first[: len(j)]
+    shaped = contiguous[: len(j)] & (first[: len(j)] + counts[: len(j)] - 1 == j)
+    candidate = (diagonal & below_full & shaped).tolist()
+    starts = first.tolist()
+    squares, longest = [], max(1, CAUSAL_SQUARE_MAX_TOKENS // qbs)
+    a = 0
+    while a < len(candidate):  # a square starts at a block that sees only its diagonal
+        if not (candidate[a] and starts[a] == a):
+            a += 1
+            continue
+        b = a + 1
+        while b < len(candidate) and b - a < longest and candidate[b] and starts[b] == a:
+            b += 1
+        squares.append((a, b))
+        a = b
+    if not squares:
+        return []
+    diag = torch.tensor([i for a, b in squares for i in range(a, b)], device=kinds.device)
+    tiles = evaluate_tiles(
+        bm.mask_mod, torch.full_like(diag, row // mask_heads),
+        torch.full_like(diag, row % mask_heads), diag * qbs, diag * kvbs, qbs, kvbs, s_q, s_kv,
+    )  # fmt: skip
+    pos = torch.arange(qbs, device=kinds.device)
+    causal = pos[None, :] <= pos[:, None]
+    real = (diag[:, None] * qbs + pos < s_q)[:, :, None]  # padded queries are dropped anyway
+    exact = ((tiles == causal) | ~real).flatten(1).all(-1).tolist()
+    ok = dict(zip(diag.tolist(), exact, strict=True))
+    kept = []
+    for a, b in squares:  # up to the first diagonal that is not causal: still a square
+        end = next((i for i in range(a, b) if not ok[i]), b)
+        if end > a:
+            kept.append((a, end))
+    return kept
 
 
 def _view(blocks: Tensor) -> tuple[int, int] | None:

@@ -91,6 +91,77 @@ def test_fully_masked_rows_give_zeros_and_zero_gradients():
     assert out[0].ne(0).any()
 
 
+def _causal_squares(bm):
+    """The (mask row, first block, blocks) of the plan's causal squares."""
+    runs = fm.sparse_plan.plan(bm).runs
+    return [(r.row, int(r.qb[0]), len(r.qb)) for r in runs if r.causal]
+
+
+DOC_ROWS = [[0] * 256 + [1] * 256, [0] * 128 + [1] * 300 + [2] * 84]
+
+
+@pytest.mark.parametrize(
+    "name, squares",
+    [
+        ("aligned documents", [(0, 0, 2), (0, 2, 2), (0, 4, 4)]),
+        ("causal", [(0, 0, 8)]),
+        ("unaligned documents", [(0, 0, 1)]),  # later blocks straddle documents
+        ("documents per batch row", [(0, 0, 4), (0, 4, 4), (1, 0, 2), (1, 2, 4)]),
+        ("strictly causal", []),  # causal-looking blocks, but no diagonal
+        ("causal, queries past the keys", [(0, 0, 7)]),  # block 7 would see padded keys
+    ],
+)
+def test_causal_squares_are_exact(name, squares):
+    """Documents of a packed causal batch run as SDPA's is_causal squares; the plan takes a square
+    only where the elements are exactly causal, and the result equals the float64 golden."""
+    s, s_kv = (512, 480) if name == "causal, queries past the keys" else (512, 512)
+    mask, dense = {
+        "aligned documents": (fm.packed([128, 128, 256]) & fm.causal(),
+                              ref.packed(s, s, [128, 128, 256]) & ref.causal(s, s)),
+        "causal": (fm.causal(), ref.causal(s, s)),
+        "unaligned documents": (fm.packed([100, 412]) & fm.causal(),
+                                ref.packed(s, s, [100, 412]) & ref.causal(s, s)),
+        "documents per batch row": (fm.document(torch.tensor(DOC_ROWS)) & fm.causal(),
+                                    ref.document(s, s, DOC_ROWS) & ref.causal(s, s)),
+        "strictly causal": (lambda b, h, q, kv: kv < q, ref.causal(s, s).tril(-1)),
+        "causal, queries past the keys": (lambda b, h, q, kv: kv <= q, ref.causal(s, s_kv)),
+    }[name]  # fmt: skip
+    bsz = dense.shape[0]
+    bm = fm.block_mask(mask, s, s_kv, batch=bsz, block_size=64, device="cpu", compile=False)
+    assert _causal_squares(bm) == squares
+    got, want = run_both(bm, _dense4(dense), bsz, 4, 2, s, s_kv, 8, 64, torch.float64)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-12
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_causal_squares_are_capped_and_take_a_score_mod(monkeypatch, alibi):
+    """A long causal run is cut at CAUSAL_SQUARE_MAX_TOKENS (a bias spans the whole square); with
+    ALiBi the square's bias and causal mask are added as one mask. Forward, backward and double
+    backward (explicit softmax) equal the golden."""
+    from tests.test_score_mods import _bias_fn
+
+    mod = fm.alibi(4) if alibi else None
+    monkeypatch.setattr(fm.sparse_plan, "CAUSAL_SQUARE_MAX_TOKENS", 128)
+    bm = fm.block_mask(fm.causal(), 300, block_size=64, device="cpu", compile=False)
+    assert _causal_squares(bm) == [(0, 0, 2)]
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 300, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    out = fm.sparse_attention(q, k, v, bm, score_mod=mod)
+    want = ref.attention(q, k, v, ref.causal(300, 300), scores_fn=mod and _bias_fn(mod))
+    assert rel_err(out, want) < 1e-12
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    wants = torch.autograd.grad(want.square().sum(), (q, k, v), create_graph=True)
+    for g, w in zip(grads, wants, strict=True):
+        assert rel_err(g, w) < 1e-12
+    # the differentiable backward (explicit softmax) honours is_causal too
+    second = torch.autograd.grad(sum(g.square().sum() for g in grads), (q, k, v))
+    second_want = torch.autograd.grad(sum(w.square().sum() for w in wants), (q, k, v))
+    for g, w in zip(second, second_want, strict=True):
+        assert rel_err(g, w) < 1e-10
+
+
 def test_per_head_block_mask_and_shared_batch_row():
     """A plain callable that depends on the head (a per-head BlockMask, GQA keys) and a
     one-row BlockMask broadcast over the batch."""
