@@ -48,8 +48,10 @@ class MultiheadFlexAttention(nn.Module):
         Transformers adapter's): no mask -> SDPA; ``causal()`` on a square problem -> SDPA
         ``is_causal``; decoding on CPU -> SDPA; with a ``score_mod``: flex where it runs, else
         (training on CPU) sparse or SDPA as below for an additive one, else SDPA; other masks
-        on CPU -> sparse when the fraction of blocks visited (gathered ones counted twice) is
-        at most ``sparse_max_density``, else SDPA; on CUDA -> flex.
+        on CPU -> flex for inference where ``flexmask.tuning`` measured it clearly faster than
+        the sparse path on this machine, else sparse when the fraction of blocks visited
+        (gathered ones counted twice) is at most ``sparse_max_density``, else SDPA; on CUDA ->
+        flex.
         ``backend_for`` says which, for an input.
 
     Fully masked query rows (padding, or a ``score_mod`` sending a whole row to ``-inf``) give

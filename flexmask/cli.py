@@ -1,5 +1,5 @@
 """The ``flexmask`` command: ``render``, ``describe`` and ``list`` masks written as expressions;
-``tune`` measures ``auto``'s sparse-or-dense threshold on this machine.
+``tune`` measures ``auto``'s CPU thresholds (sparse path, flex, dense SDPA) on this machine.
 
 Exit status 0 on success, 2 for bad arguments, a bad expression, work too large for the memory or
 an output path that cannot be written: a one-line message on stderr (after the subcommand's usage
@@ -74,7 +74,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     listing = sub.add_parser("list", help="print every factory with its meaning")
     listing.set_defaults(run=_list)
 
-    tune = sub.add_parser("tune", help="measure auto's sparse-or-dense threshold on this CPU")
+    tune = sub.add_parser("tune", help="measure auto's CPU thresholds (sparse, flex, dense) here")
     tune.add_argument(
         "--show", action="store_true", help="print what was measured; measure nothing"
     )
@@ -137,6 +137,22 @@ def _tune(args: argparse.Namespace) -> None:
                             f"{c['dense_ms']:.1f} ms" for c in entry["cases"])  # fmt: skip
             print(f"{dtype} {mode}: sparse path up to cost {entry['max_density']:.2f} "
                   f"(cost: times) {won}")  # fmt: skip
+            if "flex" in entry:
+                print(f"{dtype} {mode}: {_flex_verdict(entry)}")
+
+
+def _flex_verdict(entry: dict) -> str:
+    """What the flex measurement of an inference entry means for ``auto``."""
+    flex = entry["flex"]
+    if flex["error"]:
+        return f"flex could not run here ({flex['error']}): never picked"
+    times = ", ".join(f"{c['cost']:.2f}: {c['flex_ms']:.1f} ms" for c in entry["cases"])
+    verdict = (f"picked up to cost {flex['max_density']:.2f}"
+               if flex["vs_sparse"] <= tuning.FLEX_MARGIN else "not picked")  # fmt: skip
+    return (
+        f"flex at {flex['vs_sparse']:.2f}x the sparse path's time (picked at most "
+        f"{tuning.FLEX_MARGIN}): {verdict} (cost: times) {times}"
+    )
 
 
 def _call(name: str, f: object) -> str:

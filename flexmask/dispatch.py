@@ -109,6 +109,17 @@ def cpu_decoding(call: Call, forms: MaskForms) -> Backend | None:
     return "sdpa" if call.on_cpu and call.decoding else None
 
 
+def cpu_flex_where_measured_faster(call: Call, forms: MaskForms) -> Backend | None:
+    """On CPU, inference: flex where ``flexmask.tuning`` measured it clearly faster than the
+    sparse path on this machine (at most ``FLEX_MARGIN`` of its time) and the cost is at most
+    where flex still beat dense SDPA. Not where the caller set the sparse threshold."""
+    if not (call.on_cpu and call.flex_runs and call.plain_scores) or call.max_density is not None:
+        return None
+    cost = plan_cost(call, forms)
+    flex = tuning.measured_flex(call.q.dtype) if cost is not None else None
+    return "flex" if flex is not None and cost <= flex["max_density"] else None
+
+
 def cpu_sparse_or_dense(call: Call, forms: MaskForms) -> Backend | None:
     """On CPU, the sparse path where its cost (blocks visited, gathered ones counted twice) is
     at most a threshold measured on this machine for the dtype and mode (``flexmask.tuning``),
@@ -158,6 +169,7 @@ AUTO: tuple[Rule, ...] = (
     scores_need_softmax,
     cpu_decoding,
     score_mod_where_flex_runs,
+    cpu_flex_where_measured_faster,
     cpu_sparse_or_dense,
     accelerator,
 )
@@ -175,6 +187,11 @@ def explain(call: Call, forms: MaskForms) -> str:
     if cost is not None:
         threshold, source = sparse_threshold(call)
         why += f" Here: cost {cost:.2f}, threshold {threshold:.2f} ({source})."
+    if rule is cpu_flex_where_measured_faster:
+        flex = tuning.measured_flex(call.q.dtype) or {}
+        why += (f" Here: cost {plan_cost(call, forms):.2f}, flex measured at "
+                f"{flex['vs_sparse']:.2f}x the sparse path's time and faster than dense SDPA up "
+                f"to cost {flex['max_density']:.2f} ({tuning.path()}).")  # fmt: skip
     return f"{backend}, by {rule.__name__}: {why}"
 
 

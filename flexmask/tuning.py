@@ -7,6 +7,12 @@ tokens, 8 heads of 64) whose plan cost runs from sparse to full, and keeps, per 
 inference and training, the cost up to which the sparse path won: the midpoint between the
 costliest case it won and the cheapest it lost. That takes a few seconds per dtype.
 
+For inference it also times compiled FlexAttention (``flex_attention`` on the BlockMask) on the
+same ladder: on some CPUs (an AMD EPYC with AVX-512 BF16) its kernel beats the sparse path in
+float32, on others (an Intel Xeon) it is several times slower. ``auto`` runs flex on CPU only
+where it measured at most ``FLEX_MARGIN`` of the sparse path's time, up to the cost where it
+still beat dense SDPA. Compiling it costs seconds once per dtype (and per new shape later).
+
 The result is stored per machine (CPU model, core count, torch version) in
 ``$XDG_CACHE_HOME/flexmask/`` (``~/.cache/flexmask/``). ``auto`` calibrates a dtype on its first
 CPU call that needs the threshold, or ``flexmask tune`` does it ahead; ``flexmask tune --show``
@@ -26,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
-from .block import block_mask
+from .block import RECOMPILE_LIMIT, block_mask
 from .coverage import as_dense_mask
 from .dense import to_dense
 from .masks import local_window
@@ -35,11 +42,15 @@ from .runners import masked_sdpa
 from .sparse import sparse_attention
 from .sparse_plan import plan
 
-__all__ = ["TUNING_ENV", "calibrate", "cpu_name", "enabled", "measured_max_density", "stored"]
+__all__ = ["TUNING_ENV", "calibrate", "cpu_name", "enabled", "measured_flex",
+           "measured_max_density", "stored"]  # fmt: skip
 
 TUNING_ENV = "FLEXMASK_TUNING"
 TOKENS, HEADS, HEAD_DIM = 2048, 8, 64
 WINDOWS = (64, 384, 768, 1152, 2048)  # local_window(w, w): plan costs from about 0.1 to 1
+FLEX_MARGIN = 0.9
+"""Flex replaces the sparse path on CPU when its median time over the ladder is at most this
+fraction of the sparse path's: a clear win, since each new shape costs flex a compile."""
 _LOADED: dict[str, Any] = {}
 
 
@@ -87,17 +98,32 @@ def measured_max_density(dtype: torch.dtype, training: bool, default: float) -> 
     return entry["max_density"], f"measured on this machine ({path()})"
 
 
+def measured_flex(dtype: torch.dtype) -> dict[str, Any] | None:
+    """Flex's inference measurement for ``dtype`` when it won on this machine: ``{"vs_sparse":
+    its median time over the sparse path's, "max_density": the cost up to which it beat dense
+    SDPA}``; None when measuring is off, or flex was not a clear win (``FLEX_MARGIN``)."""
+    if not enabled():
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if name not in stored():
+        calibrate([dtype])
+    flex = stored()[name]["inference"].get("flex") or {}
+    ratio = flex.get("vs_sparse")
+    return flex if ratio is not None and ratio <= FLEX_MARGIN else None
+
+
 def calibrate(
     dtypes: list[torch.dtype] | None = None, *, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Time the sparse path against dense SDPA for each dtype (default float32 and bfloat16),
-    inference and training, store the thresholds, and return this machine's measurements."""
+    inference and training, and compiled flex for inference; store the thresholds, and return
+    this machine's measurements."""
     results = dict(stored())
     for dtype in dtypes or [torch.float32, torch.bfloat16]:
         name = str(dtype).removeprefix("torch.")
         entry: dict[str, Any] = {}
         for training in (False, True):
-            cases = []
+            cases, flex_error = [], None
             for window in WINDOWS:
                 mask = local_window(window, window)
                 bm = block_mask(mask, TOKENS, device="cpu")
@@ -105,30 +131,64 @@ def calibrate(
                 q, k, v = _inputs(dtype, training)
                 sparse_ms = _time(functools.partial(sparse_attention, q, k, v, bm), training)
                 dense_ms = _time(functools.partial(masked_sdpa, q, k, v, dense), training)
-                cases.append({"window": window, "cost": plan(bm).cost, "sparse_ms": sparse_ms,
-                              "dense_ms": dense_ms})  # fmt: skip
+                case: dict[str, Any] = {"window": window, "cost": plan(bm).cost,
+                                        "sparse_ms": sparse_ms, "dense_ms": dense_ms}  # fmt: skip
+                if not training and flex_error is None:  # one failure: no flex here
+                    case["flex_ms"], flex_error = _flex_ms(q, k, v, bm)
+                cases.append(case)
                 if log:
+                    flex = f", flex {case['flex_ms']:.1f} ms" if case.get("flex_ms") else ""
                     log(f"{name} {'training' if training else 'inference'} "
                         f"local_window({window}, {window}): cost {plan(bm).cost:.2f}, sparse "
-                        f"{sparse_ms:.1f} ms, dense {dense_ms:.1f} ms")  # fmt: skip
+                        f"{sparse_ms:.1f} ms, dense {dense_ms:.1f} ms{flex}")  # fmt: skip
             mode = "training" if training else "inference"
             entry[mode] = {"max_density": threshold(cases), "cases": cases}
+            if not training:
+                entry[mode]["flex"] = _flex_summary(cases, flex_error)
         results[name] = entry
     _store(results)
     return results
 
 
-def threshold(cases: list[dict[str, Any]]) -> float:
-    """The cost up to which the sparse path won: midway between the costliest case it won
-    and the cheapest it lost (0 if it lost the cheapest, 1 if it won them all)."""
+def threshold(cases: list[dict[str, Any]], timed: str = "sparse_ms") -> float:
+    """The cost up to which the path ``timed`` (the sparse path, or flex) beat dense SDPA: midway
+    between the costliest case it won and the cheapest it lost (0 if it lost the cheapest, 1 if
+    it won them all)."""
     ordered = sorted(cases, key=lambda c: c["cost"])
-    won = [c["sparse_ms"] < c["dense_ms"] for c in ordered]
+    won = [c[timed] < c["dense_ms"] for c in ordered]
     if all(won):
         return 1.0
     first_loss = won.index(False)
     if first_loss == 0:
         return 0.0
     return (ordered[first_loss - 1]["cost"] + ordered[first_loss]["cost"]) / 2
+
+
+def _flex_summary(cases: list[dict[str, Any]], error: str | None) -> dict[str, Any]:
+    """Flex against the others on the ladder: its median time over the sparse path's and its
+    threshold against dense SDPA, or why it could not run."""
+    if error is not None or not cases:
+        return {"vs_sparse": None, "max_density": 0.0, "error": error}
+    ratios = sorted(c["flex_ms"] / c["sparse_ms"] for c in cases)
+    return {"vs_sparse": ratios[len(ratios) // 2], "max_density": threshold(cases, "flex_ms"),
+            "error": None}  # fmt: skip
+
+
+def _flex_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
+             ) -> tuple[float | None, str | None]:  # fmt: skip
+    """Compiled flex's forward time on ``bm``, or None and why it failed (no C++ compiler for
+    inductor, a kernel torch cannot build here): then auto never picks flex on this CPU."""
+    from .runners import _compiled_flex
+
+    def attend() -> torch.Tensor:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return _compiled_flex()(q, k, v, block_mask=bm)
+
+    try:
+        return _time(attend, False), None
+    except Exception as error:  # compilers fail in many ways; each means "no flex here"
+        first_line = (str(error).splitlines() or [""])[0]
+        return None, f"{type(error).__name__}: {first_line}"
 
 
 def _inputs(dtype: torch.dtype, training: bool) -> list[torch.Tensor]:

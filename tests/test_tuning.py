@@ -18,6 +18,8 @@ def measuring(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "TOKENS", 512)
     monkeypatch.setattr(tuning, "HEADS", 2)
     monkeypatch.setattr(tuning, "WINDOWS", (16, 200, 512))
+    # compiled flex is timed by a slow test; here a stand-in half as fast as dense SDPA
+    monkeypatch.setattr(tuning, "_flex_ms", lambda q, k, v, bm: (1e9, None))
     return tmp_path
 
 
@@ -45,6 +47,53 @@ def test_calibration_is_stored_per_machine_and_read_back(measuring):
     value, source = tuning.measured_max_density(torch.float32, True, 0.85)
     assert value == data["dtypes"]["float32"]["training"]["max_density"]
     assert "measured on this machine" in source
+    flex = data["dtypes"]["float32"]["inference"]["flex"]  # never faster: never picked
+    assert flex["max_density"] == 0.0 and flex["vs_sparse"] > 1 and flex["error"] is None
+    assert tuning.measured_flex(torch.float32) is None
+    assert "flex" not in data["dtypes"]["float32"]["training"]
+
+
+def _flex_case(cost, sparse, dense, flex):
+    return {**_case(cost, sparse, dense), "flex_ms": flex}
+
+
+def test_flex_summary_is_its_median_ratio_and_its_threshold():
+    cases = [_flex_case(0.1, 10, 50, 4), _flex_case(0.5, 30, 50, 20), _flex_case(0.9, 45, 50, 60)]
+    summary = tuning._flex_summary(cases, None)
+    assert summary == {"vs_sparse": 2 / 3, "max_density": 0.7, "error": None}
+    failed = tuning._flex_summary(cases[:1], "CalledProcessError: no C++ compiler")
+    assert failed["vs_sparse"] is None and failed["max_density"] == 0.0
+    assert failed["error"].startswith("CalledProcessError")
+
+
+def _stored_flex(monkeypatch, ratio, max_density=1.0, error=None):
+    monkeypatch.setenv(tuning.TUNING_ENV, "on")
+    flex = {"vs_sparse": ratio, "max_density": max_density, "error": error}
+    inference = {"max_density": 1.0, "cases": [], "flex": flex}
+    training = {"max_density": 1.0, "cases": []}
+    monkeypatch.setattr(tuning, "stored",
+                        lambda: {"float32": {"inference": inference, "training": training}})  # fmt: skip
+
+
+def test_auto_runs_flex_on_cpu_only_where_it_measured_clearly_faster(monkeypatch):
+    attn = fm.MultiheadFlexAttention(32, 4)
+    x, mask = torch.randn(1, 512, 32), fm.sliding_window(64)  # cost 0.44
+    _stored_flex(monkeypatch, ratio=0.5)
+    with torch.no_grad():
+        assert attn.backend_for(x, mask=mask) == "flex"
+        why = attn.backend_for(x, mask=mask, explain=True)
+    assert why.startswith("flex, by cpu_flex_where_measured_faster")
+    assert "flex measured at 0.50x the sparse path's time" in why
+    assert attn.backend_for(x, mask=mask) == "sparse"  # training: flex has no CPU backward
+    with torch.no_grad():
+        given = fm.MultiheadFlexAttention(32, 4, sparse_max_density=0.9)
+        assert given.backend_for(x, mask=mask) == "sparse"  # the caller's threshold rules
+        _stored_flex(monkeypatch, ratio=0.5, max_density=0.3)  # costlier than flex beat dense
+        assert attn.backend_for(x, mask=mask) == "sparse"
+        _stored_flex(monkeypatch, ratio=0.95)  # within the margin: not worth a compile
+        assert attn.backend_for(x, mask=mask) == "sparse"
+        _stored_flex(monkeypatch, ratio=None, max_density=0.0, error="InductorError: ...")
+        assert attn.backend_for(x, mask=mask) == "sparse"
 
 
 def test_another_machines_measurements_are_ignored(measuring):
@@ -90,4 +139,35 @@ def test_the_tune_command_measures_and_shows(measuring, capsys):
     out = capsys.readouterr().out
     assert "float32 training: sparse path up to cost" in out
     assert cli.main(["tune", "--show"]) == 0
-    assert str(tuning.path()) in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert str(tuning.path()) in out
+    assert "float32 inference: flex at" in out and ": not picked (cost: times)" in out
+
+
+@pytest.mark.slow
+def test_calibration_times_compiled_flex(measuring, monkeypatch):
+    """The real thing: compiled flex timed on the ladder (seconds of compiling)."""
+    monkeypatch.undo()  # the real _flex_ms, small sizes again
+    monkeypatch.setenv(tuning.TUNING_ENV, "on")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(measuring))
+    monkeypatch.setattr(tuning, "TOKENS", 512)
+    monkeypatch.setattr(tuning, "HEADS", 2)
+    monkeypatch.setattr(tuning, "WINDOWS", (16, 512))
+    inference = tuning.calibrate([torch.float32])["float32"]["inference"]
+    assert inference["flex"]["error"] is None
+    assert all(c["flex_ms"] > 0 for c in inference["cases"])
+    assert inference["flex"] == tuning._flex_summary(inference["cases"], None)
+
+
+@pytest.mark.slow
+def test_auto_running_flex_on_cpu_gives_the_sparse_paths_answer(monkeypatch):
+    _stored_flex(monkeypatch, ratio=0.5)
+    torch.manual_seed(0)
+    attn = fm.MultiheadFlexAttention(32, 4).eval()
+    x, mask = torch.randn(1, 512, 32), fm.sliding_window(64)
+    with torch.no_grad():
+        assert attn.backend_for(x, mask=mask) == "flex"
+        got = attn(x, mask=mask)
+        attn.backend = "sparse"
+        want = attn(x, mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
