@@ -74,25 +74,63 @@ def goals(fwd: dict, bwd: dict, build: dict, memory: dict) -> list[str]:
             lines.append(f"| sparse forward+backward, {family}, {GOAL_TOKENS}: ≥ 5x faster than "
                          f"SDPA with the dense mask | {ratio:.1f}x ({bb['sparse']['ms']:.0f} ms vs "
                          f"{bb['sdpa dense']['ms']:.0f} ms) | {verdict(ratio >= 5)} |")  # fmt: skip
+    lines += sparse_goals(fwd, bwd)
     for kind, cases in (("forward", f_cases), ("forward+backward", b_cases)):
+        # auto runs the very function of the backend it picks (after a 12 us choice), so the
+        # goal reads the picked backend's own time against the fastest; auto timed again is in
+        # the summary tables, where its spread is this machine's run-to-run noise.
         ratios = []
         for key, by in cases.items():
             fastest = min(by[m]["ms"] for m in by if m != "auto")
-            ratios.append((by["auto"]["ms"] / fastest, key, by["auto"]["auto_picks"]))
-        # auto runs the very function of the backend it picks (after a 12 us choice): where it
-        # picked the fastest, a ratio above 1.1 is timing noise, and is reported as such.
-        picked_fastest = sum(
-            by["auto"]["auto_picks"]
-            == min((m for m in by if m != "auto"), key=lambda m: by[m]["ms"])
-            for by in cases.values()
-        )
-        within = sum(r <= 1.10 for r, _, _ in ratios)
+            picked = by["auto"]["auto_picks"]
+            ratios.append((by[picked]["ms"] / fastest, key, picked))
+        within = sum(r <= 1.05 for r, _, _ in ratios)
         worst_r, worst_key, picked = max(ratios)
-        lines.append(f"| `auto` within 10% of the fastest backend, {kind} | {within} of "
-                     f"{len(ratios)} cases; worst {worst_r:.2f}x ({' '.join(map(str, worst_key))}, "
-                     f"picked {picked}); auto picked the fastest backend in {picked_fastest} of "
-                     f"{len(ratios)} | {verdict(within == len(ratios))} |")  # fmt: skip
+        lines.append(f"| `auto` picks a backend within 5% of the fastest of flex, sparse and SDPA, "
+                     f"{kind}, float32 and bfloat16 | {within} of {len(ratios)} cases; worst "
+                     f"{worst_r:.2f}x ({' '.join(map(str, worst_key))}, picked {picked}) "
+                     f"| {verdict(within == len(ratios))} |")  # fmt: skip
     return lines
+
+
+def sparse_goals(fwd: dict, bwd: dict) -> list[str]:
+    """The sparse path's goals at 8192 tokens: inference at 85% of the matmul peak of its dtype,
+    training at 70% and 20x SDPA with the dense mask; beside each, the ceiling: SDPA itself on the
+    run shapes, as the same run measured it."""
+    lines = []
+    f_cases, b_cases = rows_by_case(fwd["rows"]), rows_by_case(bwd["rows"])
+    for dtype in ("float32", "bfloat16"):
+        f_peak, b_peak = fwd["meta"]["matmul_peak_gflops"], bwd["meta"]["matmul_peak_gflops"]
+        f_ceiling = fwd["meta"]["sdpa_block_gflops"].get(dtype, {})
+        b_ceiling = bwd["meta"]["sdpa_block_gflops"].get(dtype, {})
+        for family in GOAL_FAMILIES:
+            by, bb = f_cases.get((family, GOAL_TOKENS, dtype)), b_cases.get((family, GOAL_TOKENS,
+                                                                              dtype))  # fmt: skip
+            if by is not None:
+                sp = by["sparse"]
+                lines.append(f"| sparse inference, {family}, {GOAL_TOKENS}, {dtype}: ≥ 85% of the "
+                             f"{dtype} matmul peak on visited blocks | {sp['peak_fraction']:.0%} "
+                             f"({sp['gflops_visited']:.0f} GFLOP/s; ceiling: "
+                             f"{ceiling(f_ceiling, f_peak[dtype])}) "
+                             f"| {verdict(sp['peak_fraction'] >= 0.85)} |")  # fmt: skip
+            if bb is not None:
+                sp = bb["sparse"]
+                ratio = bb["sdpa dense"]["ms"] / sp["ms"]
+                lines.append(f"| sparse training, {family}, {GOAL_TOKENS}, {dtype}: ≥ 70% of the "
+                             f"{dtype} matmul peak on visited blocks | {sp['peak_fraction']:.0%} "
+                             f"({sp['gflops_visited']:.0f} GFLOP/s; ceiling: "
+                             f"{ceiling(b_ceiling, b_peak[dtype])}) "
+                             f"| {verdict(sp['peak_fraction'] >= 0.70)} |")  # fmt: skip
+                dense_ms = bb["sdpa dense"]["ms"]
+                lines.append(f"| sparse training, {family}, {GOAL_TOKENS}, {dtype}: ≥ 20x SDPA "
+                             f"with the dense mask | {ratio:.1f}x ({sp['ms']:.0f} ms vs "
+                             f"{dense_ms:.0f} ms) | {verdict(ratio >= 20)} |")  # fmt: skip
+    return lines
+
+
+def ceiling(rates: dict[str, float], peak: float) -> str:
+    """SDPA's own rate on the sparse path's run shapes, as a fraction of the peak."""
+    return ", ".join(f"SDPA {m} {r / peak:.0%}" for m, r in rates.items()) or "not measured"
 
 
 def plots(kind: str, rows: list[dict]) -> None:
@@ -112,6 +150,41 @@ def plots(kind: str, rows: list[dict]) -> None:
     if by_density:  # one point per family: not a curve
         save_plot(f"attention_{kind}_vs_density", by_density, xlabel="block density",
                   ylabel="ms", logx=False, lines=False)  # fmt: skip
+
+
+def peak_plot(fwd: dict, bwd: dict) -> None:
+    """Bars: the fraction of its dtype's matmul peak each backend reached on the visited blocks,
+    per family at GOAL_TOKENS, with the goals as dashed lines."""
+    from harness import FIGURES
+    from matplotlib.figure import Figure
+
+    methods = ["sparse", "flex", "sdpa dense", "sdpa is_causal"]
+    runs = (("forward", fwd, 0.85), ("forward+backward", bwd, 0.70))
+    panels = []
+    for kind, res, goal in runs:
+        for dtype in ("float32", "bfloat16"):
+            rows = [r for r in res["rows"] if r["tokens"] == GOAL_TOKENS and r["dtype"] == dtype]
+            panels.append((kind, dtype, goal, rows))
+    panels = [p for p in panels if p[3]]
+    fig = Figure(figsize=(6 * len(panels), 3.6), layout="constrained")
+    for ax, (kind, dtype, goal, rows) in zip(fig.subplots(1, len(panels), squeeze=False)[0],
+                                             panels, strict=True):  # fmt: skip
+        families = list(dict.fromkeys(r["family"] for r in rows))
+        shown = [m for m in methods if any(r["method"] == m for r in rows)]
+        width = 0.8 / len(shown)
+        for i, method in enumerate(shown):
+            by = {r["family"]: r["peak_fraction"] for r in rows if r["method"] == method}
+            xs = [j + i * width for j, f in enumerate(families) if f in by]
+            ax.bar(xs, [by[f] for f in families if f in by], width, label=method)
+        ax.axhline(goal, linestyle="--", color="gray", linewidth=1, label=f"goal {goal:.0%}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], families,
+                      rotation=20, fontsize=7, ha="right")  # fmt: skip
+        ax.set_title(f"{kind}, {dtype}, {GOAL_TOKENS} tokens", fontsize=9)
+        ax.set_ylabel(f"fraction of the {dtype} matmul peak")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURES / "attention_peak_fraction.png", dpi=90)
 
 
 def table(name: str) -> str:
@@ -134,10 +207,15 @@ def main() -> None:
     fwd, bwd = load("attention_forward"), load("attention_backward")
     plots("forward", fwd["rows"])
     plots("backward", bwd["rows"])
+    peak_plot(fwd, bwd)
     build, memory = load("block_build"), load("memory")
     meta = fwd["meta"]
     peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in meta["matmul_peak_gflops"].items())
-    sdpa = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in meta["sdpa_block_gflops"].items())
+    sdpa = "; ".join(
+        f"{kind} {dtype}: {ceiling(rates, res['meta']['matmul_peak_gflops'][dtype])}"
+        for kind, res in (("forward", fwd), ("forward+backward", bwd))
+        for dtype, rates in res["meta"]["sdpa_block_gflops"].items()
+    )
     flags = ", ".join(meta.get("cpu_flags", [])) or "CPU flags not recorded"
     parts = [
         "# Benchmarks",
@@ -147,9 +225,10 @@ def main() -> None:
         f"`{meta['device']}`; "
         f"B·H = {meta['heads']}, head dim {meta['head_dim']}, median of at least {meta['repeats']} "
         f"round-robin repetitions after a warm-up (more for fast cases). Matmul peak of the same "
-        f"run: {peaks}. SDPA itself, unmasked, on the shapes the sparse path hands it for a "
-        f"sliding window of 256 (64 x 8 heads, 128 queries, 384 keys): {sdpa}; that is the "
-        "ceiling of a path built on SDPA.",
+        f"run: {peaks}. SDPA itself on the shapes the sparse path hands it for a sliding "
+        f"window of 256 (64 x 8 heads, 128 queries, 384 keys), unmasked and with the window's "
+        f"mask, as a fraction of its dtype's peak: {sdpa}. That is the ceiling of a path built "
+        "on SDPA calls.",
         "",
         "Reproduce with `make bench` (about 40 minutes; writes `benchmarks/results/` and this "
         "file); `make bench-quick` is the smoke run CI does. The machine is shared: read ratios "
@@ -180,6 +259,11 @@ def main() -> None:
         "![forward+backward vs tokens](figures/bench/attention_backward_vs_tokens.png)",
         "",
         "![forward+backward vs density](figures/bench/attention_backward_vs_density.png)",
+        "",
+        f"The fraction of its dtype's matmul peak each backend reaches on the visited blocks at "
+        f"{GOAL_TOKENS} tokens (the goals dashed):",
+        "",
+        "![fraction of the matmul peak](figures/bench/attention_peak_fraction.png)",
         "",
         "## Dispatch: sparse path or dense SDPA",
         "",

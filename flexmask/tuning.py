@@ -5,7 +5,8 @@ and vector units), the dtype, and whether a backward pass follows; a threshold m
 machine is wrong on another. ``calibrate`` times both on a ladder of local windows (2048
 tokens, 8 heads of 64) whose plan cost runs from sparse to full, and keeps, per dtype and for
 inference and training, the cost up to which the sparse path won: the midpoint between the
-costliest case it won and the cheapest it lost. That takes a few seconds per dtype.
+costliest case it won and the cheapest it lost. That takes about half a minute per dtype (2
+cores), most of it flex's.
 
 For inference it also times compiled FlexAttention (``flex_attention`` on the BlockMask) on the
 same ladder: on some CPUs (an AMD EPYC with AVX-512 BF16) its kernel beats the sparse path in
@@ -59,9 +60,13 @@ def enabled() -> bool:
     return os.environ.get(TUNING_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
 
 
+FORMAT = 2  # 2: inference times flex too; a file of another format is measured again
+
+
 def machine() -> dict[str, Any]:
     """What a measurement is valid for."""
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "format": FORMAT}  # fmt: skip
 
 
 def path() -> Path:

@@ -71,8 +71,8 @@ def _stored_flex(monkeypatch, ratio, max_density=1.0, error=None):
     flex = {"vs_sparse": ratio, "max_density": max_density, "error": error}
     inference = {"max_density": 1.0, "cases": [], "flex": flex}
     training = {"max_density": 1.0, "cases": []}
-    monkeypatch.setattr(tuning, "stored",
-                        lambda: {"float32": {"inference": inference, "training": training}})  # fmt: skip
+    measured = {"float32": {"inference": inference, "training": training}}
+    monkeypatch.setattr(tuning, "stored", lambda: measured)
 
 
 def test_auto_runs_flex_on_cpu_only_where_it_measured_clearly_faster(monkeypatch):
