@@ -82,6 +82,7 @@ bench: $(STAMP)  ## attention fwd and fwd+bwd, BlockMask building, memory: BENCH
 	$(PY) benchmarks/dispatch.py
 	$(PY) benchmarks/guarantees.py
 	$(PY) benchmarks/score_mods.py
+	$(PY) benchmarks/causal_squares.py
 	$(PY) benchmarks/report.py
 
 bench-guarantees: $(STAMP)  ## what zeroing hidden queries/keys (NaN in padding) costs, per call
@@ -97,6 +98,7 @@ bench-quick: $(STAMP)  ## the same scripts at small sizes, a smoke run (CI; unde
 	$(PY) benchmarks/dispatch.py --quick
 	$(PY) benchmarks/guarantees.py --quick
 	$(PY) benchmarks/score_mods.py --quick
+	$(PY) benchmarks/causal_squares.py --quick
 	$(PY) benchmarks/context_parallel.py --quick
 	$(PY) benchmarks/gpu.py --quick --device cpu --out benchmarks/results/gpu_quick  # the script only
 	$(PY) benchmarks/hf_decode.py --quick

@@ -287,6 +287,15 @@ def main() -> None:
         "",
         table("memory_scale"),
         "",
+        "## Causal squares on the sparse path",
+        "",
+        "Packed causal documents as masked runs of query blocks (the plan without squares) "
+        "against one SDPA `is_causal` call per group of equal documents (the plan as built); "
+        "8 heads of 64, round-robin in one process. Reproduce with "
+        "`python benchmarks/causal_squares.py` (part of `make bench`).",
+        "",
+        table("causal_squares"),
+        "",
         "## Score mods: CPU training under a window",
         "",
         score_mods_intro(load("score_mods")["meta"]),

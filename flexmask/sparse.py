@@ -4,7 +4,8 @@ Every query block attends to the key blocks its BlockMask row visits. Query bloc
 into *runs* that one ``scaled_dot_product_attention`` call computes: rows visiting the same
 number ``c`` of consecutive key blocks, with query and key starts advancing by constant steps,
 are strided views of q, k, v (no copy: a sliding window is one run per count); query blocks that
-read the same keys (a bidirectional document) are merged into one long query sequence; other
+read the same keys (a bidirectional document) are merged into one long query sequence, and so
+are the blocks of a causal document, computed by SDPA's ``is_causal`` with no element mask; other
 rows are gathered. An element mask exists only for runs holding partial blocks; it is evaluated
 once per BlockMask and cached with the runs (the *plan*). The backward pass keeps each run's
 SDPA graph and adds its gradients into one buffer per input. Memory is proportional to the
@@ -138,10 +139,9 @@ class _Bias:
         ``[n, hs, q, c*kvbs]`` (hs: the batch rows and heads riding along as in ``_mask_rows``)."""
         qbs, kvbs = sizes
         dev = run.qb.device
-        if run.merged:
-            assert run.q_view is not None
-            q_idx = run.q_view[0] * qbs + torch.arange(len(run.qb) * qbs, device=dev)
-            blocks = run.blocks[:1]
+        if run.merged:  # a row per sequence
+            q_blocks, blocks = run.seq_blocks()
+            q_idx = (q_blocks[:, :, None] * qbs + torch.arange(qbs, device=dev)).flatten(1)
         else:
             q_idx = run.qb[:, None] * qbs + torch.arange(qbs, device=dev)
             blocks = run.blocks.reshape(len(run.qb), -1)
@@ -152,7 +152,7 @@ class _Bias:
         h = (run.row % self.mask_heads) * per_h + hs % per_h
         zero = torch.zeros((), device=dev)  # float32 positions: bf16 would round the distances
         bias = self.mod(zero, b.view(1, -1, 1, 1), h.view(1, -1, 1, 1),
-                        q_idx.view(q_idx.shape[0] if not run.merged else 1, 1, -1, 1),
+                        q_idx.view(q_idx.shape[0], 1, -1, 1),
                         kv_idx.view(blocks.shape[0], 1, 1, -1))  # fmt: skip
         return bias.to(dtype)
 
@@ -180,13 +180,11 @@ def _attend_runs(
     attend = _explicit_attention if explicit else F.scaled_dot_product_attention
     outs = []
     for run in plan.runs:
-        n = len(run.qb)
-        blocks = run.blocks[:1] if run.merged else run.blocks
-        if run.merged:  # consecutive query blocks, the same keys: one long query sequence
-            assert run.q_view is not None
-            qg = q_rows[run.row].narrow(1, run.q_view[0] * qbs, n * qbs).unsqueeze(0)
+        if run.merged:  # consecutive query blocks, the same keys: long query sequences
+            q_blocks, blocks = run.seq_blocks()
+            qg = _take(q_rows[run.row], q_blocks, run.q_view, qbs)
         else:
-            qg = _take(q_rows[run.row], run.qb, run.q_view, qbs)
+            qg, blocks = _take(q_rows[run.row], run.qb, run.q_view, qbs), run.blocks
         kg = _take(k_rows[run.row], blocks, run.kv_view, kvbs)
         vg = _take(v_rows[run.row], blocks, run.kv_view, kvbs)
         attn_mask, causal = run.attn_mask(q_rows.dtype), run.causal
@@ -210,7 +208,7 @@ def _attend_runs(
             graphs.append((out, qg, kg, vg, *pair))
             out = out.detach()
         if run.merged:
-            out = out.view(-1, n, qbs, out.shape[-1]).transpose(0, 1)
+            out = _from_sequences(out, run.seqs, qbs)
         outs.append(out)
     if plan.order is None:  # the runs cover every query block in order
         return torch.cat(outs)
@@ -363,17 +361,18 @@ def _accumulate(
         n = len(run.qb)
         g = grad_rows[start : start + n]  # [n, hs, qbs, D]
         start += n
-        if run.merged:
-            g = g.transpose(0, 1).reshape(1, g.shape[1], n * qbs, g.shape[3])
+        if run.merged:  # [n, hs, qbs, D] -> [m, hs, L*qbs, D]
+            m, hs, dim = run.seqs, g.shape[1], g.shape[3]
+            g = g.view(m, n // m, hs, qbs, dim).transpose(1, 2).reshape(m, hs, -1, dim)
         if b_used is None:
             dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), g)
         else:  # the bias's gradient, for _bias_grads
             dq, dk, dv, db = torch.autograd.grad(out, (qg, kg, vg, b_used), g)
             graphs[i] = (out, qg, kg, vg, graphs[i][4], db)
         if run.merged:
-            dq = dq.view(-1, n, qbs, dq.shape[-1]).transpose(0, 1)
+            dq = _from_sequences(dq, run.seqs, qbs)
         q_blocks[run.row][:, run.qb] = dq.reshape(n, -1, qbs, dq.shape[-1]).transpose(0, 1)
-        blocks = (run.blocks[:1] if run.merged else run.blocks).flatten()
+        blocks = (run.seq_blocks()[1] if run.merged else run.blocks).flatten()
         for buffer, d in ((gk, dk), (gv, dv)):
             hs, dim = d.shape[1], d.shape[-1]
             # [m, hs, c*kvbs, D] -> [hs, m*c, kvbs, D]: one slice per key block, added in
@@ -383,6 +382,13 @@ def _accumulate(
                 1, blocks, per_block.reshape(hs, -1, kvbs, dim)
             )
     return gq, gk, gv
+
+
+def _from_sequences(x: Tensor, seqs: int, qbs: int) -> Tensor:
+    """A merged run's ``[m, hs, L*qbs, D]`` as query blocks ``[m*L, hs, qbs, D]`` (a view for
+    one sequence)."""
+    m, hs, _, dim = x.shape
+    return x.view(m, hs, -1, qbs, dim).transpose(1, 2).flatten(0, 1)
 
 
 def _take(x: Tensor, blocks: Tensor, view: tuple[int, int] | None, bs: int) -> Tensor:

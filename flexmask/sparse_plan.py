@@ -34,9 +34,16 @@ class Run:
     kv_view: tuple[int, int] | None
     allowed: Tensor | None  # [n, 1, qbs, c*kvbs] with blind queries opened; None: all full
     blind: Tensor | None  # [n, 1, qbs, 1] queries that see no key, None when there are none
-    merged: bool  # rows computed as one query sequence; allowed, blind: [1, 1, n*qbs, ...]
-    causal: bool = False  # a causal square: merged, keys = its queries' blocks, SDPA is_causal
+    merged: bool  # rows as query sequences (seq_blocks); allowed, blind: [1, 1, n*qbs, ...]
+    causal: bool = False  # causal squares: merged, keys = each sequence's blocks, SDPA is_causal
+    seqs: int = 1  # a merged run's sequences: equal causal squares at a constant stride
     additive: dict[torch.dtype, Tensor] = field(default_factory=dict)
+
+    def seq_blocks(self) -> tuple[Tensor, Tensor]:
+        """A merged run's query blocks ``[m, L]`` and key blocks ``[m, c]``, one row per sequence
+        (``q_view`` and ``kv_view`` are their views)."""
+        length = len(self.qb) // self.seqs
+        return self.qb.view(self.seqs, length), self.blocks[::length]
 
     def attn_mask(self, dtype: torch.dtype) -> Tensor | None:
         """``allowed`` as an additive mask (SDPA converts a boolean one on every call)."""
@@ -95,12 +102,16 @@ def _make_plan(bm: BlockMask) -> Plan:
     runs, done = [], []
     for r in range(mb * mh):
         rest = visited[r].clone()  # the rows no causal square took
-        for a, b in _causal_squares(bm, flat[r], r, first[r], counts[r], contiguous[r], mh):
-            qb = torch.arange(a, b, device=kinds.device)
-            blocks = qb[None, :].expand(b - a, -1)  # every row names the square's keys
-            runs.append(Run(r, qb, (a, 1), blocks, (a, 0), None, None, merged=True, causal=True))
+        squares = _causal_squares(bm, flat[r], r, first[r], counts[r], contiguous[r], mh)
+        for starts, length in _equal_squares(squares):  # one SDPA call per group
+            seqs = torch.tensor(starts, device=kinds.device)[:, None] + torch.arange(
+                length, device=kinds.device)  # [m, L]  # fmt: skip
+            qb = seqs.flatten()
+            blocks = seqs.repeat_interleave(length, dim=0)  # each row names its square's keys
+            runs.append(Run(r, qb, _view(seqs), blocks, _view(seqs), None, None, merged=True,
+                            causal=True, seqs=len(starts)))  # fmt: skip
             done.append(r * nqb + qb)
-            rest[a:b] = False
+            rest[qb] = False
         for qb, blocks in _runs(rest, rest.sum(-1), first[r], contiguous[r]):
             allowed = _element_mask(bm, flat[r], r, qb, blocks, mh)
             blind = None
@@ -115,6 +126,7 @@ def _make_plan(bm: BlockMask) -> Plan:
             if merged:
                 allowed, blind = (None if t is None else t.view(1, 1, -1, t.shape[-1])
                                   for t in (allowed, blind))  # fmt: skip
+                q_view, kv_view = _view(qb[None, :]), _view(blocks[:1])
             runs.append(Run(r, qb, q_view, blocks, kv_view, allowed, blind, merged))
             done.append(r * nqb + qb)
     order: Tensor | None = torch.cat(done) if done else kinds.new_zeros(0, dtype=torch.long)
@@ -180,6 +192,25 @@ def _causal_squares(
         if end > a:
             kept.append((a, end))
     return kept
+
+
+def _equal_squares(squares: list[tuple[int, int]]) -> Iterator[tuple[list[int], int]]:
+    """Causal squares ``(a, b)`` grouped into runs of equal length at a constant stride (packed
+    documents of one length): ``(starts, length)``, computed by one batched SDPA call."""
+    i = 0
+    while i < len(squares):
+        length = squares[i][1] - squares[i][0]
+        j = i + 1
+        while (
+            j < len(squares)
+            and squares[j][1] - squares[j][0] == length
+            and (
+                j == i + 1 or squares[j][0] - squares[j - 1][0] == squares[i + 1][0] - squares[i][0]
+            )
+        ):
+            j += 1
+        yield [a for a, _ in squares[i:j]], length
+        i = j
 
 
 def _view(blocks: Tensor) -> tuple[int, int] | None:

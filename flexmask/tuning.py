@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .block import RECOMPILE_LIMIT, block_mask
+from .block import block_mask
 from .coverage import as_dense_mask
 from .dense import to_dense
 from .masks import local_window
-from .runners import masked_sdpa
+from .runners import MaskForms, Options, flex, masked_sdpa
 from .sparse import sparse_attention
 from .sparse_plan import plan
 
@@ -112,9 +112,9 @@ def measured_flex(dtype: torch.dtype) -> dict[str, Any] | None:
     name = str(dtype).removeprefix("torch.")
     if name not in stored():
         calibrate([dtype])
-    flex = stored()[name]["inference"].get("flex") or {}
-    ratio = flex.get("vs_sparse")
-    return flex if ratio is not None and ratio <= FLEX_MARGIN else None
+    measured = stored()[name]["inference"].get("flex") or {}
+    ratio = measured.get("vs_sparse")
+    return measured if ratio is not None and ratio <= FLEX_MARGIN else None
 
 
 def calibrate(
@@ -142,10 +142,10 @@ def calibrate(
                     case["flex_ms"], flex_error = _flex_ms(q, k, v, bm)
                 cases.append(case)
                 if log:
-                    flex = f", flex {case['flex_ms']:.1f} ms" if case.get("flex_ms") else ""
+                    timed = f", flex {case['flex_ms']:.1f} ms" if case.get("flex_ms") else ""
                     log(f"{name} {'training' if training else 'inference'} "
                         f"local_window({window}, {window}): cost {plan(bm).cost:.2f}, sparse "
-                        f"{sparse_ms:.1f} ms, dense {dense_ms:.1f} ms{flex}")  # fmt: skip
+                        f"{sparse_ms:.1f} ms, dense {dense_ms:.1f} ms{timed}")  # fmt: skip
             mode = "training" if training else "inference"
             entry[mode] = {"max_density": threshold(cases), "cases": cases}
             if not training:
@@ -183,14 +183,9 @@ def _flex_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
              ) -> tuple[float | None, str | None]:  # fmt: skip
     """Compiled flex's forward time on ``bm``, or None and why it failed (no C++ compiler for
     inductor, a kernel torch cannot build here): then auto never picks flex on this CPU."""
-    from .runners import _compiled_flex
-
-    def attend() -> torch.Tensor:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return _compiled_flex()(q, k, v, block_mask=bm)
-
+    forms = MaskForms(block=bm)  # the runner auto would call, on the same BlockMask
     try:
-        return _time(attend, False), None
+        return _time(functools.partial(flex, q, k, v, forms, Options()), False), None
     except Exception as error:  # compilers fail in many ways; each means "no flex here"
         first_line = (str(error).splitlines() or [""])[0]
         return None, f"{type(error).__name__}: {first_line}"

@@ -91,10 +91,12 @@ def test_fully_masked_rows_give_zeros_and_zero_gradients():
     assert out[0].ne(0).any()
 
 
-def _causal_squares(bm):
-    """The (mask row, first block, blocks) of the plan's causal squares."""
-    runs = fm.sparse_plan.plan(bm).runs
-    return [(r.row, int(r.qb[0]), len(r.qb)) for r in runs if r.causal]
+def _causal_squares(bm, grouped=False):
+    """The (mask row, first block, blocks) of the plan's causal squares; ``grouped``: the
+    squares of each SDPA call together."""
+    runs = [r for r in fm.sparse_plan.plan(bm).runs if r.causal]
+    calls = [[(r.row, int(q[0]), len(q)) for q in r.seq_blocks()[0]] for r in runs]
+    return calls if grouped else [square for call in calls for square in call]
 
 
 DOC_ROWS = [[0] * 256 + [1] * 256, [0] * 128 + [1] * 300 + [2] * 84]
@@ -109,13 +111,21 @@ DOC_ROWS = [[0] * 256 + [1] * 256, [0] * 128 + [1] * 300 + [2] * 84]
         ("documents per batch row", [(0, 0, 4), (0, 4, 4), (1, 0, 2), (1, 2, 4)]),
         ("strictly causal", []),  # causal-looking blocks, but no diagonal
         ("causal, queries past the keys", [(0, 0, 7)]),  # block 7 would see padded keys
+        ("equal squares apart", [(0, 0, 2), (0, 3, 2), (0, 5, 3)]),  # bidirectional doc between
     ],
 )
 def test_causal_squares_are_exact(name, squares):
     """Documents of a packed causal batch run as SDPA's is_causal squares; the plan takes a square
     only where the elements are exactly causal, and the result equals the float64 golden."""
     s, s_kv = (512, 480) if name == "causal, queries past the keys" else (512, 512)
+    docs = torch.tensor([0] * 128 + [1] * 64 + [2] * 128 + [3] * 192)
+    same, bidirectional = docs[:, None] == docs, (docs == 1)[:, None]
+
+    def apart(b, h, q, kv):  # documents 0, 2, 3 causal, document 1 bidirectional
+        return (docs[q] == docs[kv]) & ((kv <= q) | (docs[q] == 1))
+
     mask, dense = {
+        "equal squares apart": (apart, (same & (ref.causal(s, s)[0] | bidirectional))[None]),
         "aligned documents": (fm.packed([128, 128, 256]) & fm.causal(),
                               ref.packed(s, s, [128, 128, 256]) & ref.causal(s, s)),
         "causal": (fm.causal(), ref.causal(s, s)),
@@ -129,35 +139,46 @@ def test_causal_squares_are_exact(name, squares):
     bsz = dense.shape[0]
     bm = fm.block_mask(mask, s, s_kv, batch=bsz, block_size=64, device="cpu", compile=False)
     assert _causal_squares(bm) == squares
+    if name in ("aligned documents", "equal squares apart"):  # equal squares: one batched call
+        assert _causal_squares(bm, grouped=True)[0] == squares[:2]
     got, want = run_both(bm, _dense4(dense), bsz, 4, 2, s, s_kv, 8, 64, torch.float64)
     for g, w in zip(got, want, strict=True):
         assert rel_err(g, w) < 1e-12
 
 
-@pytest.mark.parametrize("alibi", [False, True])
-def test_causal_squares_are_capped_and_take_a_score_mod(monkeypatch, alibi):
-    """A long causal run is cut at CAUSAL_SQUARE_MAX_TOKENS (a bias spans the whole square); with
-    ALiBi the square's bias and causal mask are added as one mask. Forward, backward and double
-    backward (explicit softmax) equal the golden."""
+@pytest.mark.parametrize("mod_name", [None, "alibi", "relative_bias"])
+@pytest.mark.parametrize("mask_name", ["causal, capped", "packed"])
+def test_causal_squares_take_a_score_mod(monkeypatch, mask_name, mod_name):
+    """A long causal run is cut at CAUSAL_SQUARE_MAX_TOKENS (a bias spans the whole square);
+    equal documents are one batched call. With a score_mod the squares' bias and causal mask are
+    added as one mask. Forward, backward (the table's gradient too) and double backward (the
+    explicit softmax) equal the golden."""
     from tests.test_score_mods import _bias_fn
 
-    mod = fm.alibi(4) if alibi else None
     monkeypatch.setattr(fm.sparse_plan, "CAUSAL_SQUARE_MAX_TOKENS", 128)
-    bm = fm.block_mask(fm.causal(), 300, block_size=64, device="cpu", compile=False)
-    assert _causal_squares(bm) == [(0, 0, 2)]
+    mask, dense, calls = {
+        "causal, capped": (fm.causal(), ref.causal(300, 300), [[(0, 0, 2)]]),
+        "packed": (fm.packed([128, 128, 44]) & fm.causal(),
+                   ref.packed(300, 300, [128, 128, 44]) & ref.causal(300, 300),
+                   [[(0, 0, 2), (0, 2, 2)], [(0, 4, 1)]]),
+    }[mask_name]  # fmt: skip
+    bm = fm.block_mask(mask, 300, block_size=64, device="cpu", compile=False)
+    assert _causal_squares(bm, grouped=True) == calls
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 4, 300, 8, generator=gen, dtype=torch.float64, requires_grad=True)
                for _ in range(3))  # fmt: skip
+    table = torch.randn(4, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    mod = {None: None, "alibi": fm.alibi(4), "relative_bias": fm.relative_bias(table)}[mod_name]
+    leaves = (q, k, v, table) if mod_name == "relative_bias" else (q, k, v)
     out = fm.sparse_attention(q, k, v, bm, score_mod=mod)
-    want = ref.attention(q, k, v, ref.causal(300, 300), scores_fn=mod and _bias_fn(mod))
+    want = ref.attention(q, k, v, dense, scores_fn=mod and _bias_fn(mod))
     assert rel_err(out, want) < 1e-12
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
-    wants = torch.autograd.grad(want.square().sum(), (q, k, v), create_graph=True)
+    grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+    wants = torch.autograd.grad(want.square().sum(), leaves, create_graph=True)
     for g, w in zip(grads, wants, strict=True):
         assert rel_err(g, w) < 1e-12
-    # the differentiable backward (explicit softmax) honours is_causal too
-    second = torch.autograd.grad(sum(g.square().sum() for g in grads), (q, k, v))
-    second_want = torch.autograd.grad(sum(w.square().sum() for w in wants), (q, k, v))
+    second = torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+    second_want = torch.autograd.grad(sum(w.square().sum() for w in wants), leaves)
     for g, w in zip(second, second_want, strict=True):
         assert rel_err(g, w) < 1e-10
 
