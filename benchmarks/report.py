@@ -166,16 +166,19 @@ def peak_plot(fwd: dict, bwd: dict) -> None:
             rows = [r for r in res["rows"] if r["tokens"] == GOAL_TOKENS and r["dtype"] == dtype]
             panels.append((kind, dtype, goal, rows))
     panels = [p for p in panels if p[3]]
-    fig = Figure(figsize=(6 * len(panels), 3.6), layout="constrained")
-    for ax, (kind, dtype, goal, rows) in zip(fig.subplots(1, len(panels), squeeze=False)[0],
-                                             panels, strict=True):  # fmt: skip
+    colours = dict(zip(methods, ["tab:blue", "tab:orange", "tab:green", "tab:red"], strict=True))
+    cols = min(2, len(panels))
+    fig = Figure(figsize=(6.5 * cols, 3.8 * -(-len(panels) // cols)), layout="constrained")
+    axes = fig.subplots(-(-len(panels) // cols), cols, squeeze=False).flatten()
+    for ax, (kind, dtype, goal, rows) in zip(axes, panels, strict=False):
         families = list(dict.fromkeys(r["family"] for r in rows))
         shown = [m for m in methods if any(r["method"] == m for r in rows)]
         width = 0.8 / len(shown)
         for i, method in enumerate(shown):
             by = {r["family"]: r["peak_fraction"] for r in rows if r["method"] == method}
             xs = [j + i * width for j, f in enumerate(families) if f in by]
-            ax.bar(xs, [by[f] for f in families if f in by], width, label=method)
+            ax.bar(xs, [by[f] for f in families if f in by], width, label=method,
+                   color=colours[method])  # fmt: skip
         ax.axhline(goal, linestyle="--", color="gray", linewidth=1, label=f"goal {goal:.0%}")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], families,
                       rotation=20, fontsize=7, ha="right")  # fmt: skip
