@@ -197,20 +197,12 @@ def _causal_squares(
 def _equal_squares(squares: list[tuple[int, int]]) -> Iterator[tuple[list[int], int]]:
     """Causal squares ``(a, b)`` grouped into runs of equal length at a constant stride (packed
     documents of one length): ``(starts, length)``, computed by one batched SDPA call."""
-    i = 0
-    while i < len(squares):
-        length = squares[i][1] - squares[i][0]
-        j = i + 1
-        while (
-            j < len(squares)
-            and squares[j][1] - squares[j][0] == length
-            and (
-                j == i + 1 or squares[j][0] - squares[j - 1][0] == squares[i + 1][0] - squares[i][0]
-            )
-        ):
-            j += 1
-        yield [a for a, _ in squares[i:j]], length
-        i = j
+    starts, lengths = [a for a, _ in squares], [b - a for a, b in squares]
+    for i, j in _constant_steps(starts, lengths):
+        if lengths[i] == lengths[j - 1]:  # lengths advance by a constant step: all equal
+            yield starts[i:j], lengths[i]
+        else:
+            yield from (([starts[k]], lengths[k]) for k in range(i, j))
 
 
 def _view(blocks: Tensor) -> tuple[int, int] | None:
