@@ -271,8 +271,12 @@ def main() -> None:
         "## Dispatch: sparse path or dense SDPA",
         "",
         '`MultiheadFlexAttention(backend="auto")` runs the sparse path on CPU when `cost` '
-        "(block density, with blocks that must be gathered counted twice) is at most "
-        "`SPARSE_MAX_DENSITY`; this table is what chose it (4096 tokens).",
+        "(block density, with blocks that must be gathered counted twice) is at most a "
+        "threshold that `flexmask.tuning` measures on the machine that runs, per dtype, for "
+        "inference and training (`flexmask tune --show`; it also times compiled flex, which "
+        "`auto` runs for CPU inference only where it measured clearly faster than the sparse "
+        "path). Where measuring is off, the threshold is the cost model, `SPARSE_MAX_DENSITY`; "
+        "this table is what chose it (4096 tokens, `python benchmarks/dispatch.py`).",
         "",
         table("dispatch"),
         "## BlockMask building",
