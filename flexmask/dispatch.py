@@ -183,16 +183,19 @@ def explain(call: Call, forms: MaskForms) -> str:
         return "sdpa: a 4-D tensor mask, which only SDPA takes"
     rule, backend = _deciding_rule(call, forms)
     why = " ".join((rule.__doc__ or "").split())
-    cost = plan_cost(call, forms) if rule is cpu_sparse_or_dense else None
-    if cost is not None:
-        threshold, source = sparse_threshold(call)
-        why += f" Here: cost {cost:.2f}, threshold {threshold:.2f} ({source})."
+    measured = rule in (cpu_flex_where_measured_faster, cpu_sparse_or_dense)
+    cost = plan_cost(call, forms) if measured else None
+    if cost is None:
+        return f"{backend}, by {rule.__name__}: {why}"
     if rule is cpu_flex_where_measured_faster:
         flex = tuning.measured_flex(call.q.dtype) or {}
-        why += (f" Here: cost {plan_cost(call, forms):.2f}, flex measured at "
-                f"{flex['vs_sparse']:.2f}x the sparse path's time and faster than dense SDPA up "
-                f"to cost {flex['max_density']:.2f} ({tuning.path()}).")  # fmt: skip
-    return f"{backend}, by {rule.__name__}: {why}"
+        here = (f"flex measured at {flex['vs_sparse']:.2f}x the sparse path's time and "
+                f"faster than dense SDPA up to cost {flex['max_density']:.2f} "
+                f"({tuning.path()})")  # fmt: skip
+    else:
+        threshold, source = sparse_threshold(call)
+        here = f"threshold {threshold:.2f} ({source})"
+    return f"{backend}, by {rule.__name__}: {why} Here: cost {cost:.2f}, {here}."
 
 
 def _deciding_rule(call: Call, forms: MaskForms) -> tuple[Rule, Backend]:

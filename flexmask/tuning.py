@@ -63,24 +63,35 @@ def enabled() -> bool:
 FORMAT = 2  # 2: inference times flex too; a file of another format is measured again
 
 
+@functools.cache  # constant for the process, and read on every CPU dispatch
 def machine() -> dict[str, Any]:
     """What a measurement is valid for."""
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
             "format": FORMAT}  # fmt: skip
 
 
-def path() -> Path:
-    """The file this machine's measurements live in."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+@functools.cache
+def _file_name() -> str:
     m = machine()
     name = "".join(c if c.isalnum() else "-" for c in f"{m['cpu']}-{m['cores']}-{m['torch']}")
-    return Path(base) / "flexmask" / f"dispatch-{name}.json"
+    return f"dispatch-{name}.json"
+
+
+def path() -> Path:
+    """The file this machine's measurements live in."""
+    return Path(_location())
+
+
+def _location() -> str:
+    # plain strings: this runs on every CPU dispatch, and pathlib costs tens of microseconds
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "flexmask", _file_name())
 
 
 def stored() -> dict[str, Any]:
     """This machine's measurements: ``{dtype: {"inference": {...}, "training": {...}}}`` with each
     mode's ``max_density`` and its timed ``cases``; empty when none."""
-    key = str(path())
+    key = _location()
     if key not in _LOADED:
         try:
             data = json.loads(Path(key).read_text())
@@ -96,11 +107,8 @@ def measured_max_density(dtype: torch.dtype, training: bool, default: float) -> 
     is off."""
     if not enabled():
         return default, f"the cost model ({TUNING_ENV}=off)"
-    name = str(dtype).removeprefix("torch.")
-    if name not in stored():
-        calibrate([dtype])
-    entry = stored()[name]["training" if training else "inference"]
-    return entry["max_density"], f"measured on this machine ({path()})"
+    entry = _measured(dtype)["training" if training else "inference"]
+    return entry["max_density"], f"measured on this machine ({_location()})"
 
 
 def measured_flex(dtype: torch.dtype) -> dict[str, Any] | None:
@@ -109,12 +117,17 @@ def measured_flex(dtype: torch.dtype) -> dict[str, Any] | None:
     SDPA}``; None when measuring is off, or flex was not a clear win (``FLEX_MARGIN``)."""
     if not enabled():
         return None
+    measured = _measured(dtype)["inference"].get("flex") or {}
+    ratio = measured.get("vs_sparse")
+    return measured if ratio is not None and ratio <= FLEX_MARGIN else None
+
+
+def _measured(dtype: torch.dtype) -> dict[str, Any]:
+    """This machine's measurements of ``dtype``, calibrating now if it never was."""
     name = str(dtype).removeprefix("torch.")
     if name not in stored():
         calibrate([dtype])
-    measured = stored()[name]["inference"].get("flex") or {}
-    ratio = measured.get("vs_sparse")
-    return measured if ratio is not None and ratio <= FLEX_MARGIN else None
+    return stored()[name]
 
 
 def calibrate(
@@ -221,9 +234,10 @@ def _store(results: dict[str, Any]) -> None:
         tmp.replace(target)
     except OSError:  # a read-only home: keep the measurements for this process only
         pass
-    _LOADED[str(target)] = results
+    _LOADED[_location()] = results
 
 
+@functools.cache  # /proc/cpuinfo costs 0.2 ms a read
 def cpu_name() -> str:
     """The CPU model (Linux /proc/cpuinfo), else what ``platform`` knows."""
     try:
