@@ -102,16 +102,8 @@ class _Forms(MaskForms):
     dense form are answered from it, and the mask expression is built only if a BlockMask is."""
 
     def __init__(self, source: HFMask, fast: _CausalPadding | None) -> None:
-        self._source, self._fast = source, fast
-        super().__init__(None)
-
-    @property
-    def mask(self) -> MaskMod:
-        return self._source.mask
-
-    @mask.setter
-    def mask(self, value: MaskMod | None) -> None:  # MaskForms.__init__'s None: the source has it
-        pass
+        super().__init__(build_mask=lambda: source.mask)
+        self._fast = fast
 
     @property
     def none(self) -> bool:

@@ -69,10 +69,20 @@ class MaskForms:
         dense: DenseMask | None = None,
         block_size: int | tuple[int, int] = 128,
         keep: bool = True,
+        build_mask: Callable[[], MaskMod] | None = None,
     ) -> None:
-        self.mask, self._block, self._dense = mask, block, dense
+        self._mask, self._build_mask = mask, build_mask
+        self._block, self._dense = block, dense
         self.block_size = (block_size, block_size) if isinstance(block_size, int) else block_size
         self.keep = keep
+
+    @property
+    def mask(self) -> MaskMod | None:
+        """The mask; with ``build_mask``, built on first use (a caller whose dense form stands
+        in for it may never need it: a Transformers decode step)."""
+        if self._mask is None and self._build_mask is not None:
+            self._mask, self._build_mask = self._build_mask(), None
+        return self._mask
 
     @property
     def none(self) -> bool:

@@ -256,10 +256,12 @@ def test_the_quick_dense_mask_is_the_expressions(q_len, offset, padded, fn):
                             mask_function=function, attention_mask=am if padded else None)  # fmt: skip
     assert got._causal_padding is not None
     q = torch.zeros(2, 4, q_len, 8)
-    forms, generic = got.forms(q, kv_len), MaskForms(got.mask)
-    for s_kv in (kv_len, q_len):  # what dispatch asks, answered without the expression
-        assert (forms.none, forms.causal(q, s_kv)) == (generic.none, generic.causal(q, s_kv))
+    forms = got.forms(q, kv_len)
+    answers = [(forms.none, forms.causal(q, s_kv)) for s_kv in (kv_len, q_len)]
     quick = forms.dense(q, kv_len)
+    assert got._mask is None  # what dispatch asks and the dense mask: without the expression
+    generic = MaskForms(got.mask)
+    assert answers == [(generic.none, generic.causal(q, s_kv)) for s_kv in (kv_len, q_len)]
     if generic.none:  # every key visible: no mask for SDPA at all
         assert quick is None and generic.dense(q, kv_len) is None
         return
